@@ -1,0 +1,3 @@
+"""SOIT: Segmenting Objects with Instance-aware Transformers, for Detectron2."""
+
+__version__ = "0.1.0"
