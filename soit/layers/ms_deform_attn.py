@@ -1,0 +1,469 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021).
+
+Shapes follow the paper's notation:
+    N  batch, S  flattened value tokens (sum over levels of H_l * W_l),
+    M  heads, D  channels per head, Lq queries, L levels, P points per level.
+
+Implementations:
+    * the compiled op in ``soit._C`` (CUDA kernels; a CPU version of the same arithmetic is
+      reachable with ``impl="kernel"``), used automatically for CUDA tensors when the extension
+      was built with CUDA;
+    * :func:`ms_deform_attn_pytorch`, the ``grid_sample`` formulation: runs everywhere, traces
+      and exports; the default for CPU tensors and whenever the extension is missing;
+    * :func:`ms_deform_attn_pytorch_gather`, a second pure-PyTorch formulation (explicit
+      gathers of the four neighbours), which indexes shared value maps without a loop.
+
+``SOIT_NO_EXT=1`` in the environment makes the package ignore ``soit._C`` altogether;
+:func:`force_pytorch` (a context manager) or ``impl="pytorch"`` selects the PyTorch path for one
+region or call (export, debugging).
+"""
+import contextlib
+import math
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "ms_deform_attn_pytorch_gather",
+    "MSDeformAttn",
+    "force_pytorch",
+    "has_cuda_kernel",
+    "extension_status",
+]
+
+# ---------------------------------------------------------------------------------------------
+# The compiled extension
+# ---------------------------------------------------------------------------------------------
+
+_EXT = {"loaded": False, "module": None, "status": ""}
+
+
+def _extension():
+    """``soit._C``, or None when it is absent, disabled or fails to load (never raises)."""
+    if not _EXT["loaded"]:
+        _EXT["loaded"] = True
+        if os.environ.get("SOIT_NO_EXT", "0") == "1":
+            _EXT["status"] = "disabled (SOIT_NO_EXT=1)"
+        else:
+            try:
+                from soit import _C
+            except ModuleNotFoundError as e:
+                if e.name != "soit._C":
+                    raise
+                _EXT["status"] = "not built"
+            except (ImportError, OSError) as e:  # e.g. built against another torch
+                _EXT["status"] = f"failed to load: {e}"
+                warnings.warn(
+                    f"soit._C {_EXT['status']}; multi-scale deformable attention uses the PyTorch path. "
+                    "Rebuild with `pip install -e . --no-build-isolation`.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            else:
+                _EXT["module"] = _C
+                if _C.with_cuda():
+                    archs = ",".join(f"sm_{a}" for a in _C.cuda_arch_list())
+                    _EXT["status"] = f"loaded with CUDA {_C.cuda_version()} ({archs})"
+                else:
+                    _EXT["status"] = "loaded without CUDA (C++ only)"
+    return _EXT["module"]
+
+
+def extension_status() -> str:
+    """A one-line description of ``soit._C``: loaded (with or without CUDA), not built, disabled."""
+    _extension()
+    return _EXT["status"]
+
+
+def has_cuda_kernel() -> bool:
+    """True when ``soit._C`` is loaded and was built with the CUDA kernels."""
+    ext = _extension()
+    return ext is not None and bool(ext.with_cuda())
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def force_pytorch(enabled: bool = True):
+    """Within this context (in this thread), ``ms_deform_attn(..., impl="auto")`` and
+    :class:`MSDeformAttn` use the pure-PyTorch path even for CUDA tensors."""
+    previous = getattr(_LOCAL, "force_pytorch", False)
+    _LOCAL.force_pytorch = enabled
+    try:
+        yield
+    finally:
+        _LOCAL.force_pytorch = previous
+
+
+def _exporting() -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _use_kernel(value: torch.Tensor, impl: str) -> bool:
+    if impl == "pytorch":
+        return False
+    if impl == "kernel":
+        ext = _extension()
+        if ext is None:
+            raise RuntimeError(f"ms_deform_attn(impl='kernel'): soit._C is {extension_status()}")
+        if value.is_cuda and not ext.with_cuda():
+            raise RuntimeError("ms_deform_attn(impl='kernel'): soit._C was built without CUDA")
+        return True
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto', 'pytorch' or 'kernel', got {impl!r}")
+    if getattr(_LOCAL, "force_pytorch", False) or _exporting():
+        return False
+    return value.is_cuda and has_cuda_kernel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-PyTorch formulations
+# ---------------------------------------------------------------------------------------------
+
+
+def _common_dtype(value, sampling_locations, attention_weights):
+    return torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+
+
+def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Pure-PyTorch multi-scale deformable attention (``grid_sample`` formulation).
+
+    Args:
+        value: (N, S, M, D).
+        spatial_shapes: (L, 2) long tensor of (H_l, W_l).
+        level_start_index: (L,) long tensor, start of each level in S (unused here: the
+            levels are split by ``spatial_shapes``; kept for a uniform signature).
+        sampling_locations: (N, Lq, M, L, P, 2), (x, y) normalised to [0, 1] of each level;
+            locations outside [0, 1] sample zeros (bilinear, zero padding).
+        attention_weights: (N, Lq, M, L, P).
+
+    Returns:
+        (N, Lq, M * D). When the three inputs have different dtypes, the computation runs in
+        their promoted dtype and the result is cast to ``value``'s (as the compiled op does).
+        Empty levels (H_l * W_l == 0) contribute zero.
+    """
+    out_dtype = None
+    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
+        out_dtype = value.dtype
+        dtype = _common_dtype(value, sampling_locations, attention_weights)
+        value = value.to(dtype)
+        sampling_locations = sampling_locations.to(dtype)
+        attention_weights = attention_weights.to(dtype)
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    # grid_sample works on [-1, 1] with align_corners=False: pixel centres at (i + 0.5) / W.
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        if h * w == 0:  # grid_sample rejects empty inputs; an empty level samples zeros
+            sampled.append(None)
+            continue
+        # (N, H*W, M, D) -> (N*M, D, H, W)
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+        # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    if any(s is None for s in sampled):
+        like = next((s for s in sampled if s is not None), None)
+        zeros = (like if like is not None else value).new_zeros(N * M, D, Lq, P)
+        sampled = [zeros if s is None else s for s in sampled]
+    # (N*M, D, Lq, L, P) weighted by (N*M, 1, Lq, L, P)
+    sampled = torch.stack(sampled, dim=-2)
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L, P)
+    out = (sampled * weights).flatten(-2).sum(-1)
+    out = out.view(N, M * D, Lq).transpose(1, 2).contiguous()
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def ms_deform_attn_pytorch_gather(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    *,
+    value_index=None,
+    max_elements: int = 1 << 24,
+):
+    """Second pure-PyTorch formulation: gathers the four neighbours of every sample explicitly.
+
+    Same arguments and result as :func:`ms_deform_attn` (``value_index`` included, handled by
+    indexing the value maps directly, without copies or a loop over them). Queries are processed
+    in chunks so that the gathered neighbours hold at most about ``max_elements`` elements.
+    Differentiable with respect to value, locations and weights.
+    """
+    out_dtype = value.dtype
+    dtype = _common_dtype(value, sampling_locations, attention_weights)
+    value = value.to(dtype)
+    sampling_locations = sampling_locations.to(dtype)
+    attention_weights = attention_weights.to(dtype)
+    B, S, M, D = value.shape
+    N, Lq, _, L, P, _ = sampling_locations.shape
+    device = value.device
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    if value_index is None:
+        value_index = torch.arange(N, device=device)
+    flat = value.reshape(B * S * M, D)
+    # row of (b, s, m) in `flat`: (b * S + s) * M + m
+    b_rows = (value_index.to(device=device, dtype=torch.long) * (S * M)).view(N, 1, 1, 1)
+    m_rows = torch.arange(M, device=device).view(1, 1, M, 1)
+    chunk = max(1, max_elements // max(1, N * M * 4 * P * D))
+    outs = []
+    for q0 in range(0, Lq, chunk):
+        loc = sampling_locations[:, q0 : q0 + chunk]
+        aw = attention_weights[:, q0 : q0 + chunk]
+        out = value.new_zeros(N, loc.shape[1], M, D)
+        for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
+            if h * w == 0:
+                continue
+            # continuous pixel position; clamped so that far-away samples stay small integers
+            # (anything beyond the clamp has no corner inside the level either way)
+            x = (loc[:, :, :, lvl, :, 0] * w - 0.5).clamp(-2, w + 1)
+            y = (loc[:, :, :, lvl, :, 1] * h - 0.5).clamp(-2, h + 1)
+            x0, y0 = x.detach().floor(), y.detach().floor()
+            fx, fy = x - x0, y - y0
+            x0, y0 = x0.long(), y0.long()
+            a = aw[:, :, :, lvl]
+            rows, weights = [], []
+            for dy, dx, cw in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+                xi, yi = x0 + dx, y0 + dy
+                inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+                pix = start + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
+                rows.append(b_rows + pix * M + m_rows)
+                weights.append(torch.where(inside, cw * a, torch.zeros((), dtype=dtype, device=device)))
+            rows = torch.stack(rows, -1).flatten(-2)  # (N, q, M, 4P)
+            weights = torch.stack(weights, -1).flatten(-2)
+            neighbours = flat.index_select(0, rows.reshape(-1)).view(*rows.shape, D)  # (N, q, M, 4P, D)
+            out = out + (weights.unsqueeze(-2) @ neighbours).squeeze(-2)
+        outs.append(out)
+    out = torch.cat(outs, 1) if outs else value.new_zeros(N, 0, M, D)
+    return out.reshape(N, Lq, M * D).to(out_dtype)
+
+
+def _ms_deform_attn_pytorch_shared(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+):
+    """:func:`ms_deform_attn_pytorch` with shared value maps: one call per value map, the
+    groups of a map stacked along the query dimension."""
+    N, Lq = sampling_locations.shape[:2]
+    value_index = value_index.to(device=value.device, dtype=torch.long)
+    out = None
+    for b in range(value.shape[0]):
+        sel = (value_index == b).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        loc = sampling_locations[sel].flatten(0, 1)[None]
+        w = attention_weights[sel].flatten(0, 1)[None]
+        res = ms_deform_attn_pytorch(value[b : b + 1], spatial_shapes, level_start_index, loc, w)
+        if out is None:
+            out = res.new_zeros(N, Lq, res.shape[-1])
+        out = out.index_copy(0, sel, res.view(sel.numel(), Lq, -1))
+    if out is None:  # no groups
+        out = value.new_zeros(N, Lq, value.shape[2] * value.shape[3])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled op
+# ---------------------------------------------------------------------------------------------
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    """Autograd wrapper of ``soit._C.ms_deform_attn_forward`` / ``_backward``.
+
+    Precision (also under autocast, which this function does not change: ``custom_fwd``
+    without ``cast_inputs`` runs it in the ambient state, and the kernels ignore autocast):
+    the output and the value gradient have ``value``'s dtype; every sum is accumulated in
+    float32 (float64 for a float64 value); the value gradient is accumulated in a float32
+    buffer and rounded once. Locations and weights are read in their own dtype, which is
+    ``value``'s or, for a float16 / bfloat16 value, float32 (:func:`ms_deform_attn` casts
+    deliberately: under autocast the softmaxed weights and the reference-point sums are
+    float32, and keeping them so avoids rounding a location in a 100-pixel-wide level to
+    bfloat16's 8 bits, about half a pixel). Their gradients come back in that same dtype.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+        ext = _extension()
+        out = ext.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+        )
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index = ctx.saved_tensors
+        grad_value, grad_loc, grad_weights = _extension().ms_deform_attn_backward(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            value_index,
+            grad_output.to(value.dtype).contiguous(),
+        )
+        need = ctx.needs_input_grad
+        return (
+            grad_value if need[0] else None,
+            None,
+            None,
+            grad_loc if need[3] else None,
+            grad_weights if need[4] else None,
+            None,
+        )
+
+
+def _coord_dtype(value_dtype, loc_dtype, weight_dtype):
+    if value_dtype in (torch.float16, torch.bfloat16):
+        return value_dtype if loc_dtype == weight_dtype == value_dtype else torch.float32
+    return value_dtype
+
+
+def _ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+    coord = _coord_dtype(value.dtype, sampling_locations.dtype, attention_weights.dtype)
+    device = value.device
+    if value_index is not None:
+        value_index = value_index.to(device=device, dtype=torch.long).contiguous()
+    return _MSDeformAttnFunction.apply(
+        value.contiguous(),
+        spatial_shapes.to(device=device, dtype=torch.long).contiguous(),
+        level_start_index.to(device=device, dtype=torch.long).contiguous(),
+        sampling_locations.to(coord).contiguous(),
+        attention_weights.to(coord).contiguous(),
+        value_index,
+    )
+
+
+def ms_deform_attn(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    *,
+    value_index=None,
+    impl: str = "auto",
+):
+    """Functional multi-scale deformable attention; see :func:`ms_deform_attn_pytorch`.
+
+    Args:
+        value_index: optional (N,) long. When given, ``value`` is (B, S, M, D) holding B
+            value maps shared by several queries' groups, and group n of
+            ``sampling_locations`` / ``attention_weights`` (N, Lq, ...) samples
+            ``value[value_index[n]]``; the value maps are never copied per group.
+        impl: ``"auto"`` (default): the compiled CUDA kernel for CUDA tensors when ``soit._C``
+            has it, unless inside :func:`force_pytorch` or while tracing / scripting /
+            exporting; the PyTorch path otherwise. ``"pytorch"``: always the PyTorch path.
+            ``"kernel"``: always ``soit._C`` (its CPU implementation for CPU tensors); raises
+            when it is unavailable.
+
+    The compiled op returns ``value``'s dtype; see :class:`_MSDeformAttnFunction` for its
+    precision under mixed dtypes and autocast.
+    """
+    if _use_kernel(value, impl):
+        return _ms_deform_attn_kernel(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+        )
+    if value_index is None:
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _ms_deform_attn_pytorch_shared(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+    )
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module.
+
+    Parameter names (``sampling_offsets``, ``attention_weights``, ``value_proj``,
+    ``output_proj``) match the official checkpoints, so conversion is a renaming.
+    """
+
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Deformable DETR's init: offsets start on a ring of directions, growing with the point index.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        for i in range(self.num_points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query, reference_points, value, spatial_shapes, level_start_index, value_padding_mask=None):
+        """
+        Args:
+            query: (N, Lq, C), positional embedding already added.
+            reference_points: (N, Lq, L, 2) as (x, y) in [0, 1], or (N, Lq, L, 4) as
+                (cx, cy, w, h) boxes in [0, 1].
+            value: (N, S, C), the flattened multi-level features.
+            spatial_shapes: (L, 2) long, (H_l, W_l).
+            level_start_index: (L,) long.
+            value_padding_mask: (N, S) bool, True at padding (those values are zeroed).
+
+        Returns:
+            (N, Lq, C).
+        """
+        N, Lq, _ = query.shape
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        v = self.value_proj(value)
+        if value_padding_mask is not None:
+            v = v.masked_fill(value_padding_mask[..., None], 0.0)
+        v = v.view(N, v.shape[1], M, self.embed_dim // M)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(
+                f"reference_points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}"
+            )
+        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
+        return self.output_proj(out)

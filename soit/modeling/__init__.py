@@ -1,0 +1,17 @@
+from .criterion import SetCriterion
+from .mask_encoder import MaskEncoder
+from .mask_head import InstanceAwareMaskHead
+from .matcher import HungarianMatcher
+from .meta_arch import SOIT
+from .neck import ChannelMapper
+from .transformer import DeformableTransformer
+
+__all__ = [
+    "SOIT",
+    "ChannelMapper",
+    "DeformableTransformer",
+    "MaskEncoder",
+    "InstanceAwareMaskHead",
+    "HungarianMatcher",
+    "SetCriterion",
+]

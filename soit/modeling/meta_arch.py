@@ -1,0 +1,288 @@
+"""The SOIT meta-architecture: detectron2 dicts in, a loss dict or ``Instances`` out."""
+import copy
+import math
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.structures import Boxes, ImageList, Instances
+
+from ..layers.position_encoding import inverse_sigmoid
+from .box_ops import box_cxcywh_to_xyxy
+from .mask_head import aligned_bilinear
+
+__all__ = ["SOIT", "MLP"]
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them; ``layers.{i}`` are the linears."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@META_ARCH_REGISTRY.register()
+class SOIT(nn.Module):
+    """SOIT: a two-stage deformable DETR whose queries also generate an instance-aware
+    transformer each, which predicts that instance's mask from shared mask features.
+
+    Data flow (one forward pass): normalise + pad -> backbone (C3..C5) -> neck (F3..F6)
+    -> deformable encoder -> two-stage proposals -> decoder with box refinement -> per-layer
+    class logits, boxes and dynamic parameters; mask encoder on the P3 memory -> F_mask;
+    training: criterion (matching + all losses); inference: top-k (query, class) pairs, their
+    masks only, padding cropped, resized to the original image.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        in_features: Sequence[str],
+        neck: nn.Module,
+        transformer: nn.Module,
+        mask_encoder: nn.Module,
+        mask_head: nn.Module,
+        criterion: nn.Module,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "RGB",
+        embed_dim: int = 256,
+        with_box_refine: bool = True,
+        two_stage: bool = True,
+        max_detections: int = 100,
+        mask_threshold: float = 0.5,
+        mask_stride: int = 8,
+        inference_padding: str = "crop",
+    ):
+        """
+        Args:
+            backbone: a detectron2 ``Backbone`` (or any module returning a dict of maps).
+            in_features: names of the backbone outputs fed to the neck, finest first
+                (e.g. ``["res3", "res4", "res5"]``).
+            neck: maps the backbone features to the transformer's levels (F3..F6).
+            transformer: the deformable encoder/decoder with two-stage proposals.
+            mask_encoder: P3 memory -> F_mask (N, C_mask, h, w).
+            mask_head: the instance-aware transformer, run from generated parameters.
+            criterion: matching and all losses (training only).
+            num_classes: number of object classes (sigmoid classification, no background).
+            pixel_mean, pixel_std: per-channel normalisation, in ``input_format`` order and
+                0-255 units.
+            input_format: channel order the model expects ("RGB" for torchvision-style
+                weights, as the official release).
+            embed_dim: transformer width.
+            with_box_refine: per-layer box branches refine the reference boxes; else one
+                class/box branch is shared by the decoder layers (Deformable DETR).
+            two_stage: proposals from the encoder memory (an extra class/box branch).
+            max_detections: top-k (query, class) pairs kept per image.
+            mask_threshold: probability above which a pixel belongs to a mask.
+            mask_stride: stride of F_mask w.r.t. the input (8: P3).
+            inference_padding: "crop" (default) crops each image's padding from the mask map
+                before resizing; "official" resizes the padded map like the official release,
+                which stretches the masks of images smaller than their batch.
+        """
+        super().__init__()
+        if inference_padding not in ("crop", "official"):
+            raise ValueError(f"inference_padding must be 'crop' or 'official', got {inference_padding!r}")
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        self.neck = neck
+        self.transformer = transformer
+        self.mask_encoder = mask_encoder
+        self.mask_head = mask_head
+        self.criterion = criterion
+        if criterion is not None and getattr(criterion, "mask_head", None) is None:
+            # the training losses run the very mask head used at inference
+            criterion.mask_head = mask_head
+        self.num_classes = num_classes
+        self.input_format = input_format
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.max_detections = max_detections
+        self.mask_threshold = mask_threshold
+        self.mask_stride = mask_stride
+        self.inference_padding = inference_padding
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+        num_layers = transformer.decoder.num_layers
+        cls_branch = nn.Linear(embed_dim, num_classes)
+        reg_branch = MLP(embed_dim, embed_dim, 4, 3)
+        # focal-loss prior 0.01 for every class; box deltas start at zero
+        nn.init.constant_(cls_branch.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(reg_branch.layers[-1].weight)
+        nn.init.zeros_(reg_branch.layers[-1].bias)
+        num_pred = num_layers + (1 if two_stage else 0)
+        if with_box_refine:
+            self.cls_branches = nn.ModuleList(copy.deepcopy(cls_branch) for _ in range(num_pred))
+            self.reg_branches = nn.ModuleList(copy.deepcopy(reg_branch) for _ in range(num_pred))
+        else:
+            shared = [cls_branch] * num_layers + ([copy.deepcopy(cls_branch)] if two_stage else [])
+            self.cls_branches = nn.ModuleList(shared)
+            shared = [reg_branch] * num_layers + ([copy.deepcopy(reg_branch)] if two_stage else [])
+            self.reg_branches = nn.ModuleList(shared)
+        # one mask branch shared by every decoder layer (spec section 3)
+        self.mask_branch = MLP(embed_dim, embed_dim, mask_head.num_dynamic_params, 3)
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ input
+    def preprocess_image(self, batched_inputs: List[Dict]):
+        """Normalise and pad to a batch. Returns the ImageList and the (B, Hp, Wp) bool
+        padding mask (True at padding)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images)
+        B, _, Hp, Wp = images.tensor.shape
+        padding = torch.ones(B, Hp, Wp, dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            padding[i, :h, :w] = False
+        return images, padding
+
+    def prepare_targets(self, batched_inputs, images: ImageList):
+        """Ground truths as the criterion wants them: boxes cxcywh normalised by each image's
+        valid size, masks zero-padded to the batch size."""
+        Hp, Wp = images.tensor.shape[-2:]
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"].to(self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            xyxy = inst.gt_boxes.tensor / scale
+            cxcywh = torch.stack(
+                [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]],
+                dim=-1,
+            )
+            masks = torch.zeros(len(inst), Hp, Wp, dtype=torch.float32, device=self.device)
+            if inst.has("gt_masks") and len(inst):
+                gt = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
+                masks[:, : gt.shape[1], : gt.shape[2]] = gt.float()
+            targets.append({"labels": inst.gt_classes, "boxes": cxcywh, "masks": masks})
+        return targets
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batched_inputs: List[Dict]):
+        images, padding = self.preprocess_image(batched_inputs)
+        outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images)
+            return self.criterion(outputs, targets, mask_inputs)
+        results = self.inference(outputs, mask_inputs, images.image_sizes)
+        processed = []
+        for res, x, size in zip(results, batched_inputs, images.image_sizes):
+            height = x.get("height", size[0])
+            width = x.get("width", size[1])
+            processed.append({"instances": self.postprocess(res, size, (height, width))})
+        return processed
+
+    def forward_heads(self, images: torch.Tensor, padding: torch.Tensor):
+        """Everything from pixels to per-layer predictions (no detectron2 structures).
+
+        Args:
+            images: (B, 3, Hp, Wp) normalised, padded batch.
+            padding: (B, Hp, Wp) bool, True at padding.
+
+        Returns:
+            outputs: dict of "pred_logits" (Ld, B, Q, K), "pred_boxes" (Ld, B, Q, 4) cxcywh
+                normalised to each image's valid region, "dyn_params" (Ld, B, Q, D),
+                "enc_logits" (B, S, K) / "enc_boxes" (B, S, 4) or None.
+            mask_inputs: dict of "mask_feats" (B, C_mask, h, w), "mask_padding" (B, h, w).
+        """
+        features = self.backbone(images)
+        feats = self.neck([features[f] for f in self.in_features])
+        masks = [F.interpolate(padding[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
+        out = self.transformer(feats, masks, self.cls_branches, self.reg_branches)
+
+        hs = out["hs"]  # (Ld, B, Q, C)
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            ref = inverse_sigmoid(out["inter_references"][lvl])
+            delta = self.reg_branches[lvl](hs[lvl])
+            if ref.shape[-1] == 4:
+                box = delta + ref
+            else:
+                box = torch.cat([delta[..., :2] + ref, delta[..., 2:]], dim=-1)
+            logits.append(self.cls_branches[lvl](hs[lvl]))
+            boxes.append(box.sigmoid())
+        outputs = {
+            "pred_logits": torch.stack(logits),
+            "pred_boxes": torch.stack(boxes),
+            "dyn_params": self.mask_branch(hs),
+            "enc_logits": out.get("enc_outputs_class"),
+            "enc_boxes": out.get("enc_outputs_coord"),
+        }
+        # the mask encoder reads the P3 (finest) part of the memory
+        mask_feats = self.mask_encoder(out["memory"], out["pos"], masks[0], out["valid_ratios"])
+        return outputs, {"mask_feats": mask_feats, "mask_padding": masks[0]}
+
+    # -------------------------------------------------------------- inference
+    def inference(self, outputs, mask_inputs, image_sizes):
+        """Top-k (query, class) pairs of the last layer and their mask logits.
+
+        Returns, per image, a dict of "scores" (k,), "labels" (k,), "queries" (k,),
+        "boxes" (k, 4) cxcywh normalised to the valid region and "mask_logits" (k, h, w) at
+        the mask stride (the padded map). The mask head runs for the kept pairs only, all
+        images in one call.
+        """
+        logits = outputs["pred_logits"][-1]
+        B, Q, K = logits.shape
+        k = min(self.max_detections, Q * K)
+        scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+        queries = index // K
+        labels = index % K
+        boxes = outputs["pred_boxes"][-1].gather(1, queries[..., None].expand(-1, -1, 4))
+        dyn = outputs["dyn_params"][-1]
+        dyn = dyn.gather(1, queries[..., None].expand(-1, -1, dyn.shape[-1]))
+        batch_index = torch.arange(B, device=logits.device).repeat_interleave(k)
+        mask_logits = self.mask_head(
+            mask_inputs["mask_feats"], mask_inputs["mask_padding"], dyn.flatten(0, 1), boxes[..., :2].flatten(0, 1), batch_index
+        )
+        mask_logits = mask_logits.view(B, k, *mask_logits.shape[-2:])
+        return [
+            {"scores": scores[i], "labels": labels[i], "queries": queries[i], "boxes": boxes[i], "mask_logits": mask_logits[i]}
+            for i in range(B)
+        ]
+
+    def postprocess(self, result, image_size, output_size):
+        """One image's detections in the original image size, as ``Instances``.
+
+        Args:
+            result: one entry of :meth:`inference`.
+            image_size: (h, w) of the network input (without the batch padding).
+            output_size: (height, width) of the original image.
+        """
+        h, w = image_size
+        height, width = output_size
+        boxes = box_cxcywh_to_xyxy(result["boxes"]) * result["boxes"].new_tensor([w, h, w, h])
+        boxes = Boxes(boxes)
+        boxes.clip((h, w))
+        boxes.scale(width / w, height / h)
+
+        logits = result["mask_logits"][None]
+        if self.inference_padding == "crop":
+            # the image alone gives a ceil(h / stride)-row map: keep exactly that part, so the
+            # batch padding never reaches the upsampling
+            logits = logits[..., : math.ceil(h / self.mask_stride), : math.ceil(w / self.mask_stride)]
+        probs = aligned_bilinear(logits, self.mask_stride // 2).sigmoid()  # half the input resolution
+        probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True)
+        if (height, width) != (h, w):
+            probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=True)
+
+        inst = Instances((height, width))
+        inst.pred_boxes = boxes
+        inst.scores = result["scores"]
+        inst.pred_classes = result["labels"]
+        inst.pred_masks = probs[0] > self.mask_threshold
+        return inst
