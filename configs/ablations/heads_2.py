@@ -1,0 +1,4 @@
+"""Table 2: M = 2 heads in the instance-aware transformer (base 4)."""
+from .base import dataloader, lr_multiplier, model, optimizer, train
+
+model.mask_head.num_heads = 2

@@ -1,0 +1,4 @@
+"""Table 4: 0 mask-encoder layers (base 1; 0 = Linear + LayerNorm on P3 only)."""
+from .base import dataloader, lr_multiplier, model, optimizer, train
+
+model.mask_encoder.num_layers = 0

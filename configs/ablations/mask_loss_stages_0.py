@@ -1,0 +1,4 @@
+"""Table 5: mask loss on the last 0 decoder layers (the full model has 6)."""
+from ..soit_r50_50ep import dataloader, lr_multiplier, model, optimizer, train
+
+model.criterion.mask_loss_layers = 0

@@ -1,0 +1,4 @@
+"""Table 4: position encoding "none" in the instance-aware transformer (base absolute)."""
+from .base import dataloader, lr_multiplier, model, optimizer, train
+
+model.mask_head.pos_encoding = "none"

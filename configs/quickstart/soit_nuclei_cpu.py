@@ -1,0 +1,67 @@
+"""The CPU quick start: a small SOIT trained from scratch on the nuclei tiles (DATA.md).
+
+Three 256x256 tiles of one fluorescence image (upscaled x2 to 512x512) train, the fourth is
+held out for COCOEvaluator. Run it with ``bash scripts/quickstart.sh``.
+"""
+import os
+
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from detectron2.evaluation import COCOEvaluator
+from omegaconf import OmegaConf
+
+from soit.data import SOITDatasetMapper
+from soit.data.augmentation import RandomRotation90
+from soit.data.nuclei import register_nuclei
+from soit.solver import FractionStepScheduler
+
+from ..common.optim import optimizer
+from ..common.train import train
+from ..models.soit_tiny import model
+
+# registering is cheap (nothing is read until the dataset is used); tools/quickstart.py
+# prepares the files under datasets/nuclei first
+register_nuclei(os.environ.get("SOIT_NUCLEI_ROOT", "datasets/nuclei"))
+
+model.num_classes = 1
+model.transformer.num_queries = 100  # up to ~40 nuclei per tile
+model.max_detections = 100
+
+dataloader = OmegaConf.create()
+dataloader.train = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="nuclei_train", filter_empty=False),
+    mapper=L(SOITDatasetMapper)(
+        is_train=True,
+        augmentation=[
+            L(T.RandomFlip)(horizontal=True, vertical=False),
+            L(T.RandomFlip)(horizontal=False, vertical=True),
+            L(RandomRotation90)(),
+            # 256x256 crops of the 512x512 tiles: a quarter of the compute per step, and
+            # the nuclei keep the size they have at test time
+            L(T.RandomCrop)(crop_type="absolute", crop_size=(256, 256)),
+        ],
+        image_format="RGB",
+    ),
+    total_batch_size=2,
+    aspect_ratio_grouping=False,
+    num_workers=0,
+)
+dataloader.test = L(build_detection_test_loader)(
+    dataset=L(get_detection_dataset_dicts)(names="nuclei_val", filter_empty=False),
+    mapper=L(SOITDatasetMapper)(is_train=False, augmentation=[], image_format="RGB"),
+    num_workers=0,
+)
+dataloader.evaluator = L(COCOEvaluator)(dataset_name="nuclei_val", use_fast_impl=False, max_dets_per_image=100)
+
+train.device = "cpu"
+train.init_checkpoint = ""  # from scratch: no ImageNet weights are needed
+train.max_iter = 300
+train.checkpointer.period = 100
+train.eval_period = 0  # evaluated once at the end by tools/quickstart.py
+train.log_period = 10
+train.best_metric = ""
+optimizer.lr = 1e-3
+optimizer.params.lr_multipliers = {"sampling_offsets": 0.1}  # a backbone trained from scratch learns at full lr
+# lr x0.1 for the last 15% of the iterations, whatever max_iter is
+lr_multiplier = L(FractionStepScheduler)(values=[1.0, 0.1], fractions=[0.85])

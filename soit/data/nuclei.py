@@ -1,0 +1,245 @@
+"""The nuclei quick-start dataset: real microscopy masks that ship inside a PyPI package.
+
+``stardist==0.9.2`` (BSD-3-Clause) carries a 512 x 512 fluorescence image of nuclei from
+the 2018 Data Science Bowl (``img2d.tif``, uint16, values 0..235) and its instance labels
+(``mask2d.tif``, 125 nuclei). :func:`prepare_nuclei` downloads the wheel (no install),
+checks the two files against the checksums below, and writes a COCO dataset:
+
+- split: the four 256 x 256 quadrants hold 35 (top-left), 33 (top-right), 40 (bottom-left)
+  and 29 (bottom-right) nuclei. Bottom-right is held out for validation (29 instances);
+  the other three train (108 instances). A nucleus cut by a quadrant border stays in each
+  quadrant it touches, as its visible part.
+- intensity: ``(x - p1) / (p99.8 - p1)`` clipped to [0, 1] and scaled to 0..255, with the
+  1st and 99.8th percentiles of the whole 512 x 512 image (8 and 206), so that both
+  splits share one scaling; the gray value is repeated into R, G and B.
+- size: tiles are upscaled by ``scale`` (default 2 -> 512 x 512; bilinear for the image,
+  nearest for the labels) because nuclei (median ~440 px) are small next to the model's
+  stride-8 mask features.
+"""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image
+
+__all__ = ["prepare_nuclei", "register_nuclei", "STARDIST_VERSION", "NUCLEI_SHA256", "QUADRANTS", "VAL_QUADRANT"]
+
+STARDIST_VERSION = "0.9.2"
+# SHA-256 of the two files inside the stardist 0.9.2 wheel (the same in every platform's wheel).
+NUCLEI_SHA256 = {
+    "stardist/data/images/img2d.tif": "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750",
+    "stardist/data/images/mask2d.tif": "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f",
+}
+IMAGE_MEMBER, LABEL_MEMBER = list(NUCLEI_SHA256)
+# Quadrant name -> (row, column) of its 256 x 256 tile.
+QUADRANTS = {"top_left": (0, 0), "top_right": (0, 1), "bottom_left": (1, 0), "bottom_right": (1, 1)}
+VAL_QUADRANT = "bottom_right"
+TILE = 256
+PERCENTILES = (1.0, 99.8)
+CATEGORIES = [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
+MANIFEST = "manifest.json"
+# Fallback when pip finds no stardist wheel for this interpreter/platform: the data files
+# are platform independent, so any wheel will do.
+_FALLBACK_PLATFORM = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                      "--implementation", "cp", "--abi", "cp311"]
+
+
+def _download_wheel(cache_dir: str, version: str = STARDIST_VERSION) -> str:
+    """Path of the stardist wheel in ``cache_dir``, downloading it with pip if needed."""
+    prefix = f"stardist-{version}-"
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def cached():
+        wheels = sorted(f for f in os.listdir(cache_dir) if f.startswith(prefix) and f.endswith(".whl"))
+        return os.path.join(cache_dir, wheels[0]) if wheels else None
+
+    if cached():
+        return cached()
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            f"stardist=={version}", "-d", cache_dir]
+    errors = []
+    for extra in ([], _FALLBACK_PLATFORM):
+        proc = subprocess.run(base + extra, capture_output=True, text=True)
+        if proc.returncode == 0 and cached():
+            return cached()
+        errors.append(f"$ {' '.join(base + extra)}\n{proc.stderr.strip()[-2000:]}")
+    raise RuntimeError(
+        f"could not download the stardist=={version} wheel (it carries the nuclei images) into {cache_dir}; "
+        "this needs access to PyPI (or put the wheel in that folder yourself). pip said:\n" + "\n".join(errors)
+    )
+
+
+def _read_checked(wheel: str, expected_sha256: Dict[str, str]) -> Dict[str, np.ndarray]:
+    """Read the image and label tifs from the wheel after checking their SHA-256."""
+    import tifffile  # only needed here, not to import soit.data
+
+    arrays = {}
+    with zipfile.ZipFile(wheel) as archive:
+        for member, expected in expected_sha256.items():
+            data = archive.read(member)
+            found = hashlib.sha256(data).hexdigest()
+            if found != expected:
+                raise RuntimeError(
+                    f"SHA-256 mismatch for {member} in {wheel}: expected {expected}, found {found}. The file differs "
+                    f"from the stardist=={STARDIST_VERSION} release this dataset is defined on; delete the wheel so "
+                    "that it is downloaded again, and check that your package index serves the official release."
+                )
+            arrays[member] = tifffile.imread(io.BytesIO(data))
+    for member, array in arrays.items():
+        if array.shape != (2 * TILE, 2 * TILE):
+            raise RuntimeError(f"{member}: expected a {2 * TILE} x {2 * TILE} array, found shape {array.shape}")
+    return arrays
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Percentile stretch of the whole image to float 0..255 (see the module docstring)."""
+    low, high = np.percentile(image, PERCENTILES)
+    return np.clip((image.astype(np.float64) - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+
+
+def _tile_to_coco(image: np.ndarray, labels: np.ndarray, scale: int, image_id: int, file_name: str, next_ann_id: int):
+    """Upscale one tile; returns (uint8 RGB image, COCO image entry, annotations)."""
+    size = TILE * scale
+    resized = Image.fromarray(image.astype(np.float32)).resize((size, size), Image.BILINEAR)
+    gray = np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    # Integer nearest-neighbour upscaling keeps the labels exact.
+    labels = np.repeat(np.repeat(labels, scale, axis=0), scale, axis=1)
+    annotations = []
+    for label in np.unique(labels[labels > 0]):
+        mask = np.asfortranarray(labels == label, dtype=np.uint8)
+        rle = mask_util.encode(mask)
+        annotations.append({
+            "id": next_ann_id + len(annotations),
+            "image_id": image_id,
+            "category_id": 1,
+            "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+            "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            "area": int(mask.sum()),
+            "iscrowd": 0,
+        })
+    entry = {"id": image_id, "file_name": file_name, "height": size, "width": size}
+    return rgb, entry, annotations
+
+
+def _outputs(root: str) -> Dict[str, str]:
+    return {
+        "train_json": os.path.join(root, "train.json"),
+        "val_json": os.path.join(root, "val.json"),
+        "image_root": os.path.join(root, "images"),
+    }
+
+
+def prepare_nuclei(
+    root: str = "datasets/nuclei",
+    scale: int = 2,
+    *,
+    cache_dir: Optional[str] = None,
+    expected_sha256: Optional[Dict[str, str]] = None,
+) -> Dict:
+    """Write the nuclei dataset as COCO JSON + PNGs under ``root`` (see the module docstring).
+
+    Writes ``root/train.json``, ``root/val.json``, ``root/images/<quadrant>.png`` and
+    ``root/manifest.json``; nothing else under ``root`` is touched. When the manifest
+    matches (package version, checksums, scale) and the outputs exist, nothing is redone.
+
+    Args:
+        root: output folder.
+        scale: integer upscaling factor of the 256 x 256 tiles.
+        cache_dir: where the downloaded wheel is kept; default ``root/.download``.
+        expected_sha256: checksums of the two tif members of the wheel; default
+            :data:`NUCLEI_SHA256` (overridable to test the mismatch error).
+
+    Returns:
+        dict with ``train_json``, ``val_json``, ``image_root``, ``num_instances``
+        (``{"train": 108, "val": 29}``) and ``skipped`` (True when nothing was redone).
+    """
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer (the tile upscaling factor), got {scale!r}")
+    expected_sha256 = dict(expected_sha256 or NUCLEI_SHA256)
+    cache_dir = cache_dir or os.path.join(root, ".download")
+    outputs = _outputs(root)
+    manifest = {
+        "stardist_version": STARDIST_VERSION,
+        "sha256": expected_sha256,
+        "scale": scale,
+        "val_quadrant": VAL_QUADRANT,
+        "percentiles": list(PERCENTILES),
+    }
+    manifest_path = os.path.join(root, MANIFEST)
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            previous = json.load(f)
+        files = [outputs["train_json"], outputs["val_json"]] + [
+            os.path.join(outputs["image_root"], f"{q}.png") for q in QUADRANTS
+        ]
+        if {k: previous.get(k) for k in manifest} == manifest and all(os.path.isfile(p) for p in files):
+            return {**outputs, "num_instances": previous.get("num_instances"), "skipped": True}
+
+    arrays = _read_checked(_download_wheel(cache_dir), expected_sha256)
+    image = _to_uint8(arrays[IMAGE_MEMBER])
+    labels = arrays[LABEL_MEMBER]
+    os.makedirs(outputs["image_root"], exist_ok=True)
+    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
+    for image_id, (name, (row, col)) in enumerate(QUADRANTS.items(), start=1):
+        window = (slice(row * TILE, (row + 1) * TILE), slice(col * TILE, (col + 1) * TILE))
+        split = splits["val" if name == VAL_QUADRANT else "train"]
+        rgb, entry, anns = _tile_to_coco(
+            image[window], labels[window], scale, image_id, f"{name}.png", len(split["annotations"]) + 1
+        )
+        Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))
+        split["images"].append(entry)
+        split["annotations"].extend(anns)
+    for split_name, split in splits.items():
+        coco = {
+            "info": {
+                "description": f"nuclei {split_name} split: quadrants of img2d.tif/mask2d.tif from stardist=="
+                f"{STARDIST_VERSION} (2018 Data Science Bowl), upscaled x{scale}",
+            },
+            "licenses": [],
+            "categories": CATEGORIES,
+            **split,
+        }
+        with open(outputs[f"{split_name}_json"], "w") as f:
+            json.dump(coco, f)
+    manifest["num_instances"] = {k: len(v["annotations"]) for k, v in splits.items()}
+    # The manifest goes last: a run interrupted before it is redone in full next time.
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=2)
+    return {**outputs, "num_instances": manifest["num_instances"], "skipped": False}
+
+
+def register_nuclei(root: str = "datasets/nuclei", names: Sequence[str] = ("nuclei_train", "nuclei_val")) -> None:
+    """Register the train and val splits with detectron2's ``register_coco_instances``.
+
+    A name already registered with the same files is left alone; one registered with
+    other files is an error (re-registering would silently change a running experiment).
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    outputs = _outputs(root)
+    for name, json_file in zip(names, (outputs["train_json"], outputs["val_json"])):
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            registered = (getattr(meta, "json_file", None), getattr(meta, "image_root", None))
+            same = all(
+                p is not None and os.path.realpath(p) == os.path.realpath(q)
+                for p, q in zip(registered, (json_file, outputs["image_root"]))
+            )
+            if same:
+                continue
+            raise ValueError(
+                f"dataset {name!r} is already registered with json_file={registered[0]!r}, "
+                f"image_root={registered[1]!r}, not with {json_file!r}, {outputs['image_root']!r}; "
+                "use other names (the `names` argument) or remove the old registration first"
+            )
+        # thing_classes up front lets configs check the class count before the data is loaded.
+        register_coco_instances(name, {"thing_classes": ["nucleus"]}, json_file, outputs["image_root"])

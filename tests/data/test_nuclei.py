@@ -1,0 +1,120 @@
+"""The nuclei quick-start dataset: download, checksums, split, COCO files, registration."""
+import json
+import os
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from PIL import Image
+
+from soit.data.nuclei import NUCLEI_SHA256, QUADRANTS, VAL_QUADRANT, prepare_nuclei, register_nuclei
+
+# Nuclei touching each 256 x 256 quadrant of mask2d.tif (DATA.md).
+QUADRANT_COUNTS = {"top_left": 35, "top_right": 33, "bottom_left": 40, "bottom_right": 29}
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "stardist-wheel")
+
+
+@pytest.fixture(scope="session")
+def nuclei(tmp_path_factory, wheel_cache):
+    # The same root as the mapper tests' fixture: whichever runs second finds it prepared.
+    # A failed download fails here (no skip): PyPI is part of the test environment.
+    return prepare_nuclei(str(tmp_path_factory.getbasetemp() / "nuclei"), cache_dir=wheel_cache)
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_split_counts_and_coco_files(nuclei):
+    train, val = _load(nuclei["train_json"]), _load(nuclei["val_json"])
+    assert [img["file_name"] for img in val["images"]] == [f"{VAL_QUADRANT}.png"]
+    assert sorted(img["file_name"] for img in train["images"]) == sorted(
+        f"{q}.png" for q in QUADRANTS if q != VAL_QUADRANT
+    )
+    assert nuclei["num_instances"] == {"train": 108, "val": 29}
+    assert len(train["annotations"]) == 108 and len(val["annotations"]) == 29
+    for split in (train, val):
+        assert split["categories"] == [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
+        assert len({a["id"] for a in split["annotations"]}) == len(split["annotations"])
+        for img in split["images"]:
+            anns = [a for a in split["annotations"] if a["image_id"] == img["id"]]
+            assert len(anns) == QUADRANT_COUNTS[img["file_name"][:-4]]
+            assert (img["height"], img["width"]) == (512, 512)
+            pixels = np.asarray(Image.open(os.path.join(nuclei["image_root"], img["file_name"])))
+            assert pixels.shape == (512, 512, 3) and pixels.dtype == np.uint8
+            assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
+            masks = np.stack([mask_util.decode(a["segmentation"]) for a in anns]).astype(bool)
+            assert masks.sum(0).max() == 1, "instances of a label map never overlap"
+            for a, m in zip(anns, masks):
+                assert a["iscrowd"] == 0 and a["category_id"] == 1
+                assert a["area"] == m.sum() > 0
+                ys, xs = np.nonzero(m)
+                assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            # Image and labels are aligned: nuclei are the bright blobs of a fluorescence image.
+            inside, outside = pixels[..., 0][masks.any(0)].mean(), pixels[..., 0][~masks.any(0)].mean()
+            assert inside > outside + 40
+
+
+def test_idempotent_and_leaves_other_files(nuclei, wheel_cache, tmp_path):
+    again = prepare_nuclei(os.path.dirname(nuclei["train_json"]), cache_dir=wheel_cache)
+    assert again["skipped"] and again["num_instances"] == nuclei["num_instances"]
+
+    root = tmp_path / "nuclei_x1"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    first = prepare_nuclei(str(root), scale=1, cache_dir=wheel_cache)
+    assert not first["skipped"]
+    assert Image.open(root / "images" / "top_left.png").size == (256, 256)
+    mtime = os.path.getmtime(first["train_json"])
+    second = prepare_nuclei(str(root), scale=1, cache_dir=wheel_cache)
+    assert second["skipped"] and os.path.getmtime(first["train_json"]) == mtime
+    assert (root / "notes.txt").read_text() == "mine"
+    # A changed setting invalidates the manifest and rebuilds.
+    third = prepare_nuclei(str(root), scale=3, cache_dir=wheel_cache)
+    assert not third["skipped"] and Image.open(root / "images" / "top_left.png").size == (768, 768)
+    assert third["num_instances"] == {"train": 108, "val": 29}
+
+
+def test_checksum_mismatch_is_a_clear_error(nuclei, wheel_cache, tmp_path):
+    wrong = dict(NUCLEI_SHA256)
+    member = "stardist/data/images/img2d.tif"
+    wrong[member] = "0" * 64
+    with pytest.raises(RuntimeError, match="SHA-256 mismatch for stardist/data/images/img2d.tif") as info:
+        prepare_nuclei(str(tmp_path / "bad"), cache_dir=wheel_cache, expected_sha256=wrong)
+    assert NUCLEI_SHA256[member] in str(info.value) and "0" * 64 in str(info.value)
+    assert not (tmp_path / "bad" / "train.json").exists()
+
+
+def test_scale_must_be_a_positive_integer(tmp_path):
+    with pytest.raises(ValueError, match="positive integer"):
+        prepare_nuclei(str(tmp_path), scale=1.5)
+
+
+def test_register_nuclei(nuclei, tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    root = os.path.dirname(nuclei["train_json"])
+    names = ("test_nuclei_reg_train", "test_nuclei_reg_val")
+    try:
+        register_nuclei(root, names=names)
+        register_nuclei(root, names=names)  # same files: silently skipped
+        train, val = DatasetCatalog.get(names[0]), DatasetCatalog.get(names[1])
+        assert len(train) == 3 and len(val) == 1
+        assert sum(len(d["annotations"]) for d in train) == 108 and len(val[0]["annotations"]) == 29
+        # register_coco_instances maps COCO id 1 to the contiguous id 0.
+        assert {a["category_id"] for d in train + val for a in d["annotations"]} == {0}
+        assert all(os.path.isfile(d["file_name"]) for d in train + val)
+        assert MetadataCatalog.get(names[0]).thing_classes == ["nucleus"]
+        assert MetadataCatalog.get(names[1]).evaluator_type == "coco"
+        with pytest.raises(ValueError, match="already registered"):
+            register_nuclei(str(tmp_path / "elsewhere"), names=names)
+    finally:
+        for name in names:
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)

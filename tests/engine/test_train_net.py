@@ -1,0 +1,168 @@
+"""train_net.py: exact resume, multi-process training (gloo on the CPU), output safety."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+
+import train_net
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+from pycocotools import mask as mask_util
+
+QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
+
+
+def write_synthetic_coco(root, num_images=4):
+    """Small COCO-format dataset: coloured rectangles and ellipses with exact RLE masks."""
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = 72, 88
+        yy, xx = np.mgrid[:h, :w]
+        img = np.full((h, w, 3), 20, np.uint8)
+        for _ in range(2):
+            cy, cx = rng.integers(18, h - 18), rng.integers(18, w - 18)
+            ry, rx = rng.integers(8, 16), rng.integers(8, 16)
+            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            img[m] = rng.integers(80, 255, 3)
+            rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            x, y, bw, bh = mask_util.toBbox(rle).tolist()
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "segmentation": rle,
+                 "bbox": [x, y, bw, bh], "area": float(m.sum()), "iscrowd": 0}
+            )
+        name = f"img{i}.png"
+        Image.fromarray(img).save(os.path.join(root, "images", name))
+        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+    with open(os.path.join(root, "train.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "blob"}]}, f)
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("blobs"))
+    write_synthetic_coco(root)
+    name = "test_blobs_train"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, os.path.join(root, "train.json"), os.path.join(root, "images"))
+    return root
+
+
+def make_cfg(output_dir, max_iter, dataset_root, extra=()):
+    """The quick-start config on the synthetic dataset, shrunk for speed."""
+    overrides = [
+        f"train.output_dir={output_dir}",
+        f"train.max_iter={max_iter}",
+        "train.checkpointer.period=3",
+        "train.log_period=1",
+        "dataloader.train.dataset.names=test_blobs_train",
+        "dataloader.train.total_batch_size=2",
+        "model.transformer.num_queries=10",
+        "model.transformer.num_decoder_layers=1",
+        "model.transformer.ffn_dim=64",
+        "model.mask_encoder.ffn_dim=64",
+    ] + list(extra)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(QUICKSTART), overrides)
+    # the test and evaluation datasets are not needed here
+    del cfg.dataloader["evaluator"]
+    return cfg
+
+
+def run(cfg, resume=False):
+    from detectron2.engine import default_setup
+
+    args = default_argument_parser().parse_args(["--resume"] if resume else [])
+    default_setup(cfg, args)
+    return train_net.do_train(args, cfg)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_equals_uninterrupted_run(blobs, tmp_path, monkeypatch):
+    full = run(make_cfg(tmp_path / "full", 6, blobs))
+    assert full.iter == 6  # the loop ends one past the last iteration (5)
+
+    # interrupted: the step after the checkpoint at iteration 2 fails
+    original = train_net.SOITTrainer.run_step
+
+    def crash_at_3(self):
+        if self.iter == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self)
+
+    monkeypatch.setattr(train_net.SOITTrainer, "run_step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(tmp_path / "resumed", 6, blobs))
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    monkeypatch.setattr(train_net.SOITTrainer, "run_step", original)
+    resumed = run(make_cfg(tmp_path / "resumed", 6, blobs), resume=True)
+    assert resumed.iter == 6
+
+    a, b = load(tmp_path / "full" / "model_final.pth"), load(tmp_path / "resumed" / "model_final.pth")
+    assert a["iteration"] == b["iteration"] == 5
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    opt_a, opt_b = a["trainer"]["optimizer"]["state"], b["trainer"]["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        for name in opt_a[k]:
+            torch.testing.assert_close(opt_a[k][name], opt_b[k][name], rtol=0, atol=0)
+    # and the run really trained: weights moved away from the first checkpoint
+    first = load(tmp_path / "resumed" / "model_0000002.pth")["model"]
+    assert any(not torch.equal(first[k], a["model"][k]) for k in a["model"])
+
+
+def test_refuses_to_overwrite_a_previous_run(blobs, tmp_path):
+    run(make_cfg(tmp_path / "out", 3, blobs))
+    with pytest.raises(SystemExit, match="--resume"):
+        run(make_cfg(tmp_path / "out", 3, blobs))
+
+
+def test_num_classes_must_match_the_dataset(blobs, tmp_path):
+    with pytest.raises(ValueError, match="model.num_classes=1"):
+        run(make_cfg(tmp_path / "nc", 3, blobs, ["model.num_classes=3"]))
+
+
+def _distributed_worker(output_dir, dataset_root, result_dir):
+    from detectron2.utils import comm
+
+    json_file = os.path.join(dataset_root, "train.json")
+    register_coco_instances("test_blobs_train", {}, json_file, os.path.join(dataset_root, "images"))
+    cfg = make_cfg(output_dir, 4, dataset_root)
+    trainer = run(cfg)
+    model = getattr(trainer.model, "module", trainer.model)
+    torch.save(
+        # parameters only: BatchNorm running statistics are per rank (broadcast_buffers=False)
+        {"model": {k: v.detach() for k, v in model.named_parameters()}, "saves": trainer.checkpointer.save_to_disk, "world": comm.get_world_size()},
+        os.path.join(result_dir, f"rank{comm.get_rank()}.pth"),
+    )
+
+
+def test_two_process_training_averages_gradients(blobs, tmp_path):
+    from soit.engine import launch
+
+    out, res = tmp_path / "ddp", tmp_path / "res"
+    res.mkdir()
+    launch(_distributed_worker, 2, args=(str(out), blobs, str(res)))
+    r0, r1 = load(res / "rank0.pth"), load(res / "rank1.pth")
+    assert r0["world"] == r1["world"] == 2
+    assert r0["saves"] and not r1["saves"]  # only rank 0 writes checkpoints
+    for k in r0["model"]:
+        torch.testing.assert_close(r0["model"][k], r1["model"][k], msg=k)
+    final = load(out / "model_final.pth")
+    for k in r0["model"]:
+        torch.testing.assert_close(final["model"][k], r0["model"][k], msg=k)

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Train or evaluate SOIT with a LazyConfig, following detectron2's conventions.
+
+    python train_net.py --config-file configs/soit_r50_50ep.py --num-gpus 8
+    python train_net.py --config-file configs/soit_r50_50ep.py --resume
+    python train_net.py --config-file configs/soit_r50_50ep.py --eval-only train.init_checkpoint=model.pth
+    python train_net.py --config-file ... train.amp.precision=bf16 dataloader.train.total_batch_size=16
+
+Without CUDA, ``--num-gpus N`` starts N CPU processes (gloo), e.g. for debugging.
+"""
+import json
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.registry import locate
+
+from soit.data.samplers import ResumableTrainingSampler
+from soit.engine import ModelEMA, RNGState, SOITTrainer, launch
+
+logger = logging.getLogger("soit")
+
+
+def do_test(cfg, model):
+    """Evaluate ``model`` on ``cfg.dataloader.test``; results also go to eval_results.json."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+        with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def build_train_loader(cfg, start_iter):
+    """The training loader; a resumed run's sampler skips the images already seen."""
+    loader = cfg.dataloader.train
+    dataset = instantiate(loader.dataset)
+    check_dataset(cfg, loader.dataset.get("names"))
+    per_rank = loader.total_batch_size // comm.get_world_size()
+    seed = cfg.train.get("seed", -1)
+    sampler = ResumableTrainingSampler(len(dataset), seed=None if seed < 0 else seed, skip=start_iter * per_rank)
+    kwargs = {k: instantiate(v) for k, v in loader.items() if k not in ("_target_", "dataset", "sampler")}
+    target = loader._target_
+    return (locate(target) if isinstance(target, str) else target)(dataset=dataset, sampler=sampler, **kwargs)
+
+
+def check_dataset(cfg, names):
+    """The model's classes and input format must be the dataset's (metadata is complete once
+    the dataset dicts are loaded)."""
+    fmt = cfg.dataloader.train.mapper.get("image_format")
+    if fmt is not None and fmt != cfg.model.input_format:
+        raise ValueError(
+            f"dataloader.train.mapper.image_format={fmt!r} but model.input_format={cfg.model.input_format!r}: "
+            "the model would see the channels in the wrong order; set both to the same value"
+        )
+    for name in [names] if isinstance(names, str) else list(names or []):
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != cfg.model.num_classes:
+            raise ValueError(
+                f"dataset {name!r} has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
+                f"add the override model.num_classes={len(classes)}"
+            )
+
+
+def check_output_dir(cfg, resume):
+    """Never overwrite a previous run's checkpoints without being asked."""
+    if not resume and os.path.exists(os.path.join(cfg.train.output_dir, "last_checkpoint")):
+        raise SystemExit(
+            f"{cfg.train.output_dir} already holds a training run (last_checkpoint). Pass --resume to continue it, "
+            "or choose another train.output_dir=..., or delete the folder."
+        )
+
+
+def do_train(args, cfg):
+    check_output_dir(cfg, args.resume)
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info(f"Model:\n{model}")
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    ema = ModelEMA(model, cfg.train.model_ema.decay) if cfg.train.model_ema.enabled else None
+
+    # random states resume exactly in a single process; several ranks keep their own seeds
+    # (the EMA, a hook, is saved with the trainer's state)
+    checkpointables = {"rng": RNGState()} if comm.get_world_size() == 1 else {}
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, **checkpointables)
+    start_iter = 0
+    if args.resume and checkpointer.has_checkpoint():
+        # know where the run stopped before building the loader, so the data stream continues
+        saved = torch.load(checkpointer.get_checkpoint_file(), map_location="cpu", weights_only=True, mmap=True)
+        start_iter = saved.get("iteration", -1) + 1
+
+    train_loader = build_train_loader(cfg, start_iter)
+    ddp = dict(cfg.train.ddp)
+    if cfg.train.device == "cpu":
+        ddp.setdefault("device_ids", None)
+    model = create_ddp_model(model, **ddp)
+    trainer = SOITTrainer(
+        model,
+        train_loader,
+        optimizer,
+        precision=cfg.train.amp.precision if cfg.train.amp.enabled else "fp32",
+        clip_grad_norm=cfg.train.clip_grad_norm,
+    )
+    checkpointer.add_checkpointable("trainer", trainer)
+    eval_model = ema.shadow if ema is not None else model
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            ema,
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            # evaluate before checkpointing: a resumed run then starts from the same state
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, eval_model)),
+            hooks.BestCheckpointer(cfg.train.eval_period, checkpointer, cfg.train.best_metric, "max")
+            if comm.is_main_process() and cfg.train.best_metric and "evaluator" in cfg.dataloader
+            else None,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        start_iter = trainer.iter + 1
+    trainer.train(start_iter, cfg.train.max_iter)
+    trainer.checkpointer = checkpointer
+    return trainer
+
+
+def main(args):
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model).to(cfg.train.device)
+        model = create_ddp_model(model, **({"device_ids": None} if cfg.train.device == "cpu" else {}))
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    return do_train(args, cfg)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
