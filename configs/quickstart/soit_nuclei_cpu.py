@@ -27,6 +27,8 @@ register_nuclei(os.environ.get("SOIT_NUCLEI_ROOT", "datasets/nuclei"))
 model.num_classes = 1
 model.transformer.num_queries = 100  # up to ~40 nuclei per tile
 model.max_detections = 100
+model.transformer.dropout = 0.0  # a short run on little data: dropout only slows convergence
+model.mask_encoder.dropout = 0.0
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
@@ -56,12 +58,13 @@ dataloader.evaluator = L(COCOEvaluator)(dataset_name="nuclei_val", use_fast_impl
 
 train.device = "cpu"
 train.init_checkpoint = ""  # from scratch: no ImageNet weights are needed
-train.max_iter = 300
+train.max_iter = 700
 train.checkpointer.period = 100
 train.eval_period = 0  # evaluated once at the end by tools/quickstart.py
 train.log_period = 10
 train.best_metric = ""
 optimizer.lr = 1e-3
+optimizer.fused = True  # the fused AdamW step is several times faster on the CPU
 optimizer.params.lr_multipliers = {"sampling_offsets": 0.1}  # a backbone trained from scratch learns at full lr
 # lr x0.1 for the last 15% of the iterations, whatever max_iter is
 lr_multiplier = L(FractionStepScheduler)(values=[1.0, 0.1], fractions=[0.85])

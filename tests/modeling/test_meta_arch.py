@@ -222,3 +222,19 @@ def test_overfits_two_synthetic_images():
             # the highest-scoring detection of the object's class must be that object
             top = (inst.pred_classes == gt.gt_classes[j]).nonzero()[0, 0]
             assert mask_iou(inst.pred_masks[top], gt.gt_masks.tensor[j]) > 0.8
+
+
+@pytest.mark.parametrize("two_stage,refine", [(False, True), (False, False), (True, False)])
+def test_detector_variants_train_and_infer(two_stage, refine):
+    """The paper's detector switches: two-stage and box refinement on or off."""
+    torch.manual_seed(0)
+    model = tiny_model(two_stage=two_stage, with_box_refine=refine)
+    model.train()
+    with EventStorage(0):
+        losses = model(two_images())
+    assert ("loss_cls_enc" in losses) == two_stage
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(two_images())
+    assert len(out[0]["instances"]) == 90
