@@ -17,7 +17,9 @@ Implementations:
 :func:`force_pytorch` (a context manager) or ``impl="pytorch"`` selects the PyTorch path for one
 region or call (export, debugging).
 """
+
 import contextlib
+import importlib
 import math
 import os
 import threading
@@ -53,7 +55,7 @@ def _extension():
             _EXT["status"] = "disabled (SOIT_NO_EXT=1)"
         else:
             try:
-                from soit import _C
+                _C = importlib.import_module("soit._C")
             except ModuleNotFoundError as e:
                 if e.name != "soit._C":
                     raise
@@ -86,6 +88,31 @@ def has_cuda_kernel() -> bool:
     """True when ``soit._C`` is loaded and was built with the CUDA kernels."""
     ext = _extension()
     return ext is not None and bool(ext.with_cuda())
+
+
+_DEVICE_SUPPORTED = {}
+
+
+def _kernel_supports(device: torch.device) -> bool:
+    """Whether soit._C holds code for this GPU: machine code of its major architecture at or
+    below its minor one, or PTX of an older architecture (both show as an architecture at or
+    below the GPU's). Warns once per device when not, and the PyTorch path is used there."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    supported = _DEVICE_SUPPORTED.get(index)
+    if supported is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        archs = list(_extension().cuda_arch_list())
+        supported = bool(archs) and min(archs) <= major * 10 + minor
+        if not supported:
+            warnings.warn(
+                f"soit._C has no code for {torch.cuda.get_device_name(index)} (sm_{major}{minor}; built for "
+                f"{archs}); multi-scale deformable attention uses the PyTorch path on it. Rebuild with "
+                f"TORCH_CUDA_ARCH_LIST={major}.{minor}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        _DEVICE_SUPPORTED[index] = supported
+    return supported
 
 
 _LOCAL = threading.local()
@@ -126,7 +153,7 @@ def _use_kernel(value: torch.Tensor, impl: str) -> bool:
         raise ValueError(f"impl must be 'auto', 'pytorch' or 'kernel', got {impl!r}")
     if getattr(_LOCAL, "force_pytorch", False) or _exporting():
         return False
-    return value.is_cuda and has_cuda_kernel()
+    return value.is_cuda and has_cuda_kernel() and _kernel_supports(value.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +252,7 @@ def ms_deform_attn_pytorch_gather(
     m_rows = torch.arange(M, device=device).view(1, 1, M, 1)
     chunk = max(1, max_elements // max(1, N * M * 4 * P * D))
     outs = []
-    for q0 in range(0, Lq, chunk):
+    for q0 in range(0, max(Lq, 1), chunk):  # one (empty) pass without queries keeps the graph
         loc = sampling_locations[:, q0 : q0 + chunk]
         aw = attention_weights[:, q0 : q0 + chunk]
         out = value.new_zeros(N, loc.shape[1], M, D)
@@ -241,7 +268,12 @@ def ms_deform_attn_pytorch_gather(
             x0, y0 = x0.long(), y0.long()
             a = aw[:, :, :, lvl]
             rows, weights = [], []
-            for dy, dx, cw in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+            for dy, dx, cw in (
+                (0, 0, (1 - fy) * (1 - fx)),
+                (0, 1, (1 - fy) * fx),
+                (1, 0, fy * (1 - fx)),
+                (1, 1, fy * fx),
+            ):
                 xi, yi = x0 + dx, y0 + dy
                 inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
                 pix = start + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
@@ -252,8 +284,7 @@ def ms_deform_attn_pytorch_gather(
             neighbours = flat.index_select(0, rows.reshape(-1)).view(*rows.shape, D)  # (N, q, M, 4P, D)
             out = out + (weights.unsqueeze(-2) @ neighbours).squeeze(-2)
         outs.append(out)
-    out = torch.cat(outs, 1) if outs else value.new_zeros(N, 0, M, D)
-    return out.reshape(N, Lq, M * D).to(out_dtype)
+    return torch.cat(outs, 1).reshape(N, Lq, M * D).to(out_dtype)
 
 
 def _ms_deform_attn_pytorch_shared(
@@ -273,7 +304,7 @@ def _ms_deform_attn_pytorch_shared(
         res = ms_deform_attn_pytorch(value[b : b + 1], spatial_shapes, level_start_index, loc, w)
         if out is None:
             out = res.new_zeros(N, Lq, res.shape[-1])
-        out = out.index_copy(0, sel, res.view(sel.numel(), Lq, -1))
+        out = out.index_copy(0, sel, res.view(sel.numel(), Lq, res.shape[-1]))
     if out is None:  # no groups
         out = value.new_zeros(N, Lq, value.shape[2] * value.shape[3])
     return out
@@ -305,7 +336,9 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         out = ext.ms_deform_attn_forward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
         )
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+        ctx.save_for_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+        )
         return out
 
     @staticmethod
@@ -339,7 +372,9 @@ def _coord_dtype(value_dtype, loc_dtype, weight_dtype):
     return value_dtype
 
 
-def _ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+def _ms_deform_attn_kernel(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+):
     coord = _coord_dtype(value.dtype, sampling_locations.dtype, attention_weights.dtype)
     device = value.device
     if value_index is not None:

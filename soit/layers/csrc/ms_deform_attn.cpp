@@ -1,0 +1,192 @@
+// soit._C: input checks, device dispatch and the Python binding of multi-scale deformable
+// attention. Compiles without CUDA; the CUDA entry points then raise a clear error.
+// torch/csrc/utils/pybind.h (pybind11 with the Tensor and optional casters) rather than
+// torch/extension.h or torch/python.h, which take about three times as long to compile.
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <limits>
+
+#include "ms_deform_attn.h"
+
+namespace soit {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+MSDAShape check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                       const std::optional<at::Tensor>& value_index) {
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (B, S, M, D), got ", value.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.dim() == 5, "ms_deform_attn: attention_weights must be (N, Lq, M, L, P), got ",
+              attention_weights.sizes());
+  MSDAShape d;
+  d.B = value.size(0);
+  d.S = value.size(1);
+  d.M = value.size(2);
+  d.D = value.size(3);
+  d.N = sampling_locations.size(0);
+  d.Lq = sampling_locations.size(1);
+  d.L = sampling_locations.size(3);
+  d.P = sampling_locations.size(4);
+  TORCH_CHECK(sampling_locations.size(2) == d.M, "ms_deform_attn: sampling_locations has ", sampling_locations.size(2),
+              " heads, value has ", d.M);
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+              "ms_deform_attn: attention_weights ", attention_weights.sizes(),
+              " does not match sampling_locations ", sampling_locations.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == d.L && spatial_shapes.size(1) == 2,
+              "ms_deform_attn: spatial_shapes must be (L, 2) with L = ", d.L, ", got ", spatial_shapes.sizes());
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == d.L,
+              "ms_deform_attn: level_start_index must be (L,) with L = ", d.L, ", got ", level_start_index.sizes());
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+              "ms_deform_attn: spatial_shapes and level_start_index must be int64");
+
+  TORCH_CHECK(is_supported_float(value.scalar_type()),
+              "ms_deform_attn: value must be float32, float64, float16 or bfloat16, got ", value.scalar_type());
+  TORCH_CHECK(sampling_locations.scalar_type() == attention_weights.scalar_type(),
+              "ms_deform_attn: sampling_locations (", sampling_locations.scalar_type(), ") and attention_weights (",
+              attention_weights.scalar_type(), ") must have the same dtype");
+  const auto coord = sampling_locations.scalar_type();
+  const bool low = value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(coord == value.scalar_type() || (low && coord == at::kFloat),
+              "ms_deform_attn: sampling_locations / attention_weights must have value's dtype (",
+              value.scalar_type(), ") or, for a float16/bfloat16 value, float32; got ", coord);
+
+  const auto dev = value.device();
+  TORCH_CHECK(sampling_locations.device() == dev && attention_weights.device() == dev &&
+                  spatial_shapes.device() == dev && level_start_index.device() == dev,
+              "ms_deform_attn: all tensors must be on one device; value is on ", dev, ", sampling_locations on ",
+              sampling_locations.device(), ", attention_weights on ", attention_weights.device(),
+              ", spatial_shapes on ", spatial_shapes.device(), ", level_start_index on ", level_start_index.device());
+  TORCH_CHECK(value.is_contiguous(), "ms_deform_attn: value must be contiguous");
+  TORCH_CHECK(sampling_locations.is_contiguous(), "ms_deform_attn: sampling_locations must be contiguous");
+  TORCH_CHECK(attention_weights.is_contiguous(), "ms_deform_attn: attention_weights must be contiguous");
+  TORCH_CHECK(spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
+              "ms_deform_attn: spatial_shapes and level_start_index must be contiguous");
+
+  if (value_index.has_value()) {
+    const at::Tensor& vi = *value_index;
+    TORCH_CHECK(vi.dim() == 1 && vi.size(0) == d.N, "ms_deform_attn: value_index must be (N,) with N = ", d.N,
+                ", got ", vi.sizes());
+    TORCH_CHECK(vi.scalar_type() == at::kLong, "ms_deform_attn: value_index must be int64, got ", vi.scalar_type());
+    TORCH_CHECK(vi.device() == dev, "ms_deform_attn: value_index is on ", vi.device(), ", value on ", dev);
+    TORCH_CHECK(vi.is_contiguous(), "ms_deform_attn: value_index must be contiguous");
+  } else {
+    TORCH_CHECK(d.B == d.N, "ms_deform_attn: value has batch ", d.B, " but sampling_locations has ", d.N,
+                " (pass value_index to share value maps between groups)");
+  }
+  // Offsets inside one value map are 32-bit.
+  TORCH_CHECK(d.S * d.M * d.D < std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: one value map holds more than 2^31 elements (S * M * D = ", d.S * d.M * d.D, ")");
+  TORCH_CHECK(d.L * d.P < std::numeric_limits<int32_t>::max() && d.D < std::numeric_limits<int32_t>::max() &&
+                  d.Lq < std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: sizes out of range");
+  return d;
+}
+
+namespace {
+
+#ifndef WITH_CUDA
+void no_cuda() {
+  TORCH_CHECK(false,
+              "soit._C was built without CUDA, so ms_deform_attn cannot run on CUDA tensors with it. Rebuild with a "
+              "CUDA compiler present (CUDA_HOME=/usr/local/cuda pip install -e . --no-build-isolation) or use the "
+              "PyTorch path (soit.layers.ms_deform_attn.force_pytorch()).");
+}
+#endif
+
+at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                   const std::optional<at::Tensor>& value_index) {
+  const MSDAShape d =
+      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index);
+  if (value.is_cuda()) {
+#ifdef WITH_CUDA
+    return ms_deform_attn_forward_cuda(value, spatial_shapes, level_start_index, sampling_locations,
+                                       attention_weights, value_index, d);
+#else
+    no_cuda();
+#endif
+  }
+  TORCH_CHECK(value.is_cpu(), "ms_deform_attn: unsupported device ", value.device());
+  return ms_deform_attn_forward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                    value_index, d);
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                 const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                 const at::Tensor& attention_weights, const std::optional<at::Tensor>& value_index,
+                                 const at::Tensor& grad_output) {
+  const MSDAShape d =
+      check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index);
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == d.N && grad_output.size(1) == d.Lq &&
+                  grad_output.size(2) == d.M * d.D,
+              "ms_deform_attn: grad_output must be (N, Lq, M * D) = (", d.N, ", ", d.Lq, ", ", d.M * d.D, "), got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == value.scalar_type(), "ms_deform_attn: grad_output dtype ",
+              grad_output.scalar_type(), " differs from value dtype ", value.scalar_type());
+  TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn: grad_output is on ", grad_output.device(),
+              ", value on ", value.device());
+  TORCH_CHECK(grad_output.is_contiguous(), "ms_deform_attn: grad_output must be contiguous");
+  if (value.is_cuda()) {
+#ifdef WITH_CUDA
+    return ms_deform_attn_backward_cuda(value, spatial_shapes, level_start_index, sampling_locations,
+                                        attention_weights, value_index, grad_output, d);
+#else
+    no_cuda();
+#endif
+  }
+  TORCH_CHECK(value.is_cpu(), "ms_deform_attn: unsupported device ", value.device());
+  return ms_deform_attn_backward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                     value_index, grad_output, d);
+}
+
+bool with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<int64_t> arch_list() {
+#ifdef WITH_CUDA
+  return cuda_arch_list();
+#else
+  return {};
+#endif
+}
+
+int64_t compiled_cuda_version() {
+#ifdef WITH_CUDA
+  return cuda_version();
+#else
+  return -1;
+#endif
+}
+
+}  // namespace
+}  // namespace soit
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "SOIT compiled ops (multi-scale deformable attention)";
+  m.def("with_cuda", &soit::with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("cuda_arch_list", &soit::arch_list,
+        "Compute capabilities (e.g. [80, 90]) the CUDA kernels were compiled for; empty without CUDA.");
+  m.def("cuda_version", &soit::compiled_cuda_version, "CUDA version compiled against (e.g. 13000), -1 without CUDA.");
+  m.def("ms_deform_attn_forward", &soit::forward, "Multi-scale deformable attention, forward (CPU or CUDA).",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("value_index") = py::none());
+  m.def("ms_deform_attn_backward", &soit::backward,
+        "Multi-scale deformable attention, backward: returns [grad_value, grad_sampling_locations, "
+        "grad_attention_weights].",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("value_index"), py::arg("grad_output"));
+}
