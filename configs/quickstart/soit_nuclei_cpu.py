@@ -58,7 +58,7 @@ dataloader.evaluator = L(COCOEvaluator)(dataset_name="nuclei_val", use_fast_impl
 
 train.device = "cpu"
 train.init_checkpoint = ""  # from scratch: no ImageNet weights are needed
-train.max_iter = 700
+train.max_iter = 700  # 1400 scored lower (9.9 segm AP): DETR-style training on 3 tiles is noisy
 train.checkpointer.period = 100
 train.eval_period = 0  # evaluated once at the end by tools/quickstart.py
 train.log_period = 10
