@@ -11,7 +11,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..layers.position_encoding import inverse_sigmoid
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .mask_head import aligned_bilinear
 
 __all__ = ["SOIT", "MLP"]
@@ -160,11 +160,7 @@ class SOIT(nn.Module):
         for x, (h, w) in zip(batched_inputs, images.image_sizes):
             inst = x["instances"].to(self.device)
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            xyxy = inst.gt_boxes.tensor / scale
-            cxcywh = torch.stack(
-                [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]],
-                dim=-1,
-            )
+            cxcywh = box_xyxy_to_cxcywh(inst.gt_boxes.tensor / scale)
             masks = torch.zeros(len(inst), Hp, Wp, dtype=torch.float32, device=self.device)
             if inst.has("gt_masks") and len(inst):
                 gt = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
