@@ -16,6 +16,14 @@ Implementations:
 ``SOIT_NO_EXT=1`` in the environment makes the package ignore ``soit._C`` altogether;
 :func:`force_pytorch` (a context manager) or ``impl="pytorch"`` selects the PyTorch path for one
 region or call (export, debugging).
+
+Export: the op is also registered with ``torch.library`` as ``soit::ms_deform_attn`` (with its
+autograd and a fake implementation). ``torch.jit.trace`` and ``torch.compile`` record that op,
+so a TorchScript model traced from SOIT calls the CUDA kernel on CUDA tensors and the PyTorch
+path on CPU tensors; loading such a model needs ``import soit`` first (the op is defined in
+Python). ONNX export (and ``torch.export``) records the ``grid_sample`` formulation instead,
+with the level sizes read from ``spatial_shapes`` at run time, so the graph runs at any input
+size.
 """
 
 import contextlib
@@ -24,6 +32,7 @@ import math
 import os
 import threading
 import warnings
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -130,30 +139,42 @@ def force_pytorch(enabled: bool = True):
         _LOCAL.force_pytorch = previous
 
 
-def _exporting() -> bool:
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return True
-    if torch.onnx.is_in_onnx_export():
-        return True
-    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+def _compiler_flag(name: str) -> bool:
+    flag = getattr(getattr(torch, "compiler", None), name, None)
+    return bool(flag is not None and flag())
 
 
-def _use_kernel(value: torch.Tensor, impl: str) -> bool:
+def _route(value: torch.Tensor, impl: str) -> str:
+    """Which implementation a call takes: "kernel" (soit._C directly), "op" (the registered
+    ``soit::ms_deform_attn``, recorded by tracing / torch.compile) or "pytorch"."""
     if impl == "pytorch":
-        return False
+        return "pytorch"
     if impl == "kernel":
         ext = _extension()
         if ext is None:
             raise RuntimeError(f"ms_deform_attn(impl='kernel'): soit._C is {extension_status()}")
         if value.is_cuda and not ext.with_cuda():
             raise RuntimeError("ms_deform_attn(impl='kernel'): soit._C was built without CUDA")
-        return True
+        return "kernel"
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'pytorch' or 'kernel', got {impl!r}")
-    if getattr(_LOCAL, "force_pytorch", False) or _exporting():
-        return False
+    if getattr(_LOCAL, "force_pytorch", False) or torch.jit.is_scripting():
+        return "pytorch"
+    # ONNX and torch.export graphs hold standard operators only (grid_sample)
+    if torch.onnx.is_in_onnx_export() or _compiler_flag("is_exporting"):
+        return "pytorch"
+    if torch.jit.is_tracing() or _compiler_flag("is_compiling"):
+        return "op"
+    return "kernel" if _cuda_kernel_for(value) else "pytorch"
+
+
+def _cuda_kernel_for(value: torch.Tensor) -> bool:
     return value.is_cuda and has_cuda_kernel() and _kernel_supports(value.device)
+
+
+def _use_kernel(value: torch.Tensor, impl: str) -> bool:
+    """Whether a call runs soit._C directly (kept for callers that only ask that)."""
+    return _route(value, impl) == "kernel"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +192,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     Args:
         value: (N, S, M, D).
         spatial_shapes: (L, 2) long tensor of (H_l, W_l).
-        level_start_index: (L,) long tensor, start of each level in S (unused here: the
-            levels are split by ``spatial_shapes``; kept for a uniform signature).
+        level_start_index: (L,) long tensor, start of each level in S (read while tracing;
+            eager calls split the levels by ``spatial_shapes``).
         sampling_locations: (N, Lq, M, L, P, 2), (x, y) normalised to [0, 1] of each level;
             locations outside [0, 1] sample zeros (bilinear, zero padding).
         attention_weights: (N, Lq, M, L, P).
@@ -180,7 +201,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     Returns:
         (N, Lq, M * D). When the three inputs have different dtypes, the computation runs in
         their promoted dtype and the result is cast to ``value``'s (as the compiled op does).
-        Empty levels (H_l * W_l == 0) contribute zero.
+        Empty levels (H_l * W_l == 0) contribute zero (eager calls; a traced graph needs
+        non-empty levels).
     """
     out_dtype = None
     if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
@@ -191,13 +213,22 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         attention_weights = attention_weights.to(dtype)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    value_list = value.split([h * w for h, w in shapes], dim=1)
+    tracing = torch.jit.is_tracing()
+    if tracing:
+        # 0-d tensors, not Python ints: the traced graph reads the level sizes and starts at
+        # run time, so it runs at input sizes other than the traced one
+        shapes = [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(L)]
+        value_list = [
+            value[:, level_start_index[lvl] : level_start_index[lvl] + h * w] for lvl, (h, w) in enumerate(shapes)
+        ]
+    else:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample works on [-1, 1] with align_corners=False: pixel centres at (i + 0.5) / W.
     grids = 2 * sampling_locations - 1
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
-        if h * w == 0:  # grid_sample rejects empty inputs; an empty level samples zeros
+        if not tracing and h * w == 0:  # grid_sample rejects empty inputs; an empty level samples zeros
             sampled.append(None)
             continue
         # (N, H*W, M, D) -> (N*M, D, H, W)
@@ -372,14 +403,14 @@ def _coord_dtype(value_dtype, loc_dtype, weight_dtype):
     return value_dtype
 
 
-def _ms_deform_attn_kernel(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
-):
+def _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+    """The arguments of ``soit._C``'s forward / backward: contiguous, on value's device,
+    locations and weights in the coordinate dtype (see :class:`_MSDeformAttnFunction`)."""
     coord = _coord_dtype(value.dtype, sampling_locations.dtype, attention_weights.dtype)
     device = value.device
     if value_index is not None:
         value_index = value_index.to(device=device, dtype=torch.long).contiguous()
-    return _MSDeformAttnFunction.apply(
+    return (
         value.contiguous(),
         spatial_shapes.to(device=device, dtype=torch.long).contiguous(),
         level_start_index.to(device=device, dtype=torch.long).contiguous(),
@@ -387,6 +418,135 @@ def _ms_deform_attn_kernel(
         attention_weights.to(coord).contiguous(),
         value_index,
     )
+
+
+def _ms_deform_attn_kernel(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+):
+    return _MSDeformAttnFunction.apply(
+        *_kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    )
+
+
+def _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+    if value_index is None:
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _ms_deform_attn_pytorch_shared(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered op: soit::ms_deform_attn
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("soit::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    value_index: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``soit::ms_deform_attn``: the PyTorch path on every device but CUDA."""
+    out = _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    return out.clone() if _aliases(out, value) else out
+
+
+@_ms_deform_attn_op.register_kernel("cuda")
+def _ms_deform_attn_op_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+    """On CUDA: our kernel when soit._C has code for the GPU, else the PyTorch path."""
+    if _cuda_kernel_for(value):
+        args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+        return _extension().ms_deform_attn_forward(*args)
+    out = _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    return out.clone() if _aliases(out, value) else out
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # a custom op must not return a view of its input (a zero-size result can be one)
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+
+
+@_ms_deform_attn_op.register_fake
+def _ms_deform_attn_op_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
+    N, Lq = sampling_locations.shape[:2]
+    return value.new_empty(N, Lq, value.shape[2] * value.shape[3])
+
+
+@torch.library.custom_op("soit::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    value_index: Optional[torch.Tensor],
+    grad_output: torch.Tensor,
+) -> List[torch.Tensor]:
+    """Gradients of ``soit::ms_deform_attn`` for value, locations and weights (in their
+    dtypes): the PyTorch path run again under autograd, on every device but CUDA."""
+    return _backward_pytorch(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
+    )
+
+
+def _backward_pytorch(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
+):
+    # torch.func.vjp rather than torch.autograd: inside an op's implementation the autograd
+    # dispatch keys are excluded, and functorch's transforms do not depend on them
+    def forward(v, loc, w):
+        return _pytorch_any(v, spatial_shapes, level_start_index, loc, w, value_index)
+
+    out, vjp = torch.func.vjp(forward, value, sampling_locations, attention_weights)
+    return list(vjp(grad_output.to(out.dtype)))
+
+
+@_ms_deform_attn_backward_op.register_kernel("cuda")
+def _ms_deform_attn_backward_op_cuda(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
+):
+    if not _cuda_kernel_for(value):
+        return _backward_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
+        )
+    args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    grads = _extension().ms_deform_attn_backward(*args, grad_output.to(value.dtype).contiguous())
+    return [g.to(t.dtype) for g, t in zip(grads, (value, sampling_locations, attention_weights))]
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _ms_deform_attn_backward_op_fake(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
+):
+    return [torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)]
+
+
+def _ms_deform_attn_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.value_index = inputs[5]
+
+
+def _ms_deform_attn_op_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_weights = torch.ops.soit.ms_deform_attn_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, ctx.value_index, grad_output
+    )
+    need = ctx.needs_input_grad
+    return (
+        grad_value if need[0] else None,
+        None,
+        None,
+        grad_loc if need[3] else None,
+        grad_weights if need[4] else None,
+        None,
+    )
+
+
+_ms_deform_attn_op.register_autograd(_ms_deform_attn_op_backward, setup_context=_ms_deform_attn_op_setup)
 
 
 def ms_deform_attn(
@@ -407,23 +567,23 @@ def ms_deform_attn(
             ``sampling_locations`` / ``attention_weights`` (N, Lq, ...) samples
             ``value[value_index[n]]``; the value maps are never copied per group.
         impl: ``"auto"`` (default): the compiled CUDA kernel for CUDA tensors when ``soit._C``
-            has it, unless inside :func:`force_pytorch` or while tracing / scripting /
-            exporting; the PyTorch path otherwise. ``"pytorch"``: always the PyTorch path.
+            has it, the PyTorch path otherwise; inside :func:`force_pytorch`, while scripting
+            and during ONNX / ``torch.export`` export always the PyTorch path; while tracing
+            or under ``torch.compile`` the registered op ``soit::ms_deform_attn`` (which
+            makes the same choice when it runs). ``"pytorch"``: always the PyTorch path.
             ``"kernel"``: always ``soit._C`` (its CPU implementation for CPU tensors); raises
             when it is unavailable.
 
     The compiled op returns ``value``'s dtype; see :class:`_MSDeformAttnFunction` for its
     precision under mixed dtypes and autocast.
     """
-    if _use_kernel(value, impl):
-        return _ms_deform_attn_kernel(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
-        )
-    if value_index is None:
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _ms_deform_attn_pytorch_shared(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
-    )
+    route = _route(value, impl)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    if route == "kernel":
+        return _ms_deform_attn_kernel(*args)
+    if route == "op":
+        return torch.ops.soit.ms_deform_attn(*args)
+    return _pytorch_any(*args)
 
 
 class MSDeformAttn(nn.Module):

@@ -24,6 +24,7 @@ from soit.layers.ms_deform_attn import (
     ms_deform_attn_pytorch,
     ms_deform_attn_pytorch_gather,
 )
+from soit.modeling.transformer import flatten_spatial_shapes
 
 # the module (soit.layers re-exports a function of the same name)
 msda_mod = importlib.import_module("soit.layers.ms_deform_attn")
@@ -278,7 +279,12 @@ def test_dispatch(monkeypatch):
         assert not msda_mod._use_kernel(fake_cuda, "auto")
     assert msda_mod._use_kernel(fake_cuda, "auto")
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
-    assert not msda_mod._use_kernel(fake_cuda, "auto"), "tracing takes the PyTorch path"
+    assert msda_mod._route(fake_cuda, "auto") == "op", "tracing records soit::ms_deform_attn"
+    assert msda_mod._route(cpu, "auto") == "op"
+    with force_pytorch():
+        assert msda_mod._route(fake_cuda, "auto") == "pytorch"
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert msda_mod._route(fake_cuda, "auto") == "pytorch", "ONNX graphs hold grid_sample"
     monkeypatch.undo()
     monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: False)
     monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
@@ -313,13 +319,133 @@ def test_cpu_tensors_use_the_pytorch_path_by_default(monkeypatch):
     assert calls
 
 
-def test_trace_uses_the_pytorch_path():
-    module = MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=2).eval()
-    args = _module_inputs(num_levels=2, C=16)
-    traced = torch.jit.trace(module, args, check_trace=False)
-    graph = str(traced.graph)
-    assert "grid_sampler" in graph
-    torch.testing.assert_close(traced(*args), module(*args))
+class _LevelsToAttention(torch.nn.Module):
+    """Feature maps in, attention out: the level sizes come from the maps' shapes, as in the
+    model, so a traced graph must carry them through to the op."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.attn = module
+
+    def forward(self, f0, f1, query, ref):
+        ss, lsi = flatten_spatial_shapes([f0, f1])
+        value = torch.cat([f0.flatten(2).transpose(1, 2), f1.flatten(2).transpose(1, 2)], 1)
+        return self.attn(query, ref, value, ss, lsi)
+
+
+def _levels_inputs(h, w, C=16, Lq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, C, h, w, generator=g),
+        torch.randn(1, C, (h + 1) // 2, (w + 1) // 2, generator=g),
+        torch.randn(1, Lq, C, generator=g),
+        torch.rand(1, Lq, 2, 2, generator=g),
+    )
+
+
+def _levels_model():
+    torch.manual_seed(0)
+    module = MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=2)
+    torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)
+    return _LevelsToAttention(module).eval()
+
+
+def test_trace_records_the_registered_op_and_runs_at_other_sizes(tmp_path):
+    model = _levels_model()
+    traced = torch.jit.trace(model, _levels_inputs(6, 8), check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "soit::ms_deform_attn" in graph and "grid_sampler" not in graph
+    path = str(tmp_path / "attn.pt")
+    torch.jit.save(traced, path)
+    loaded = torch.jit.load(path)
+    for h, w in ((6, 8), (9, 5), (13, 17)):
+        args = _levels_inputs(h, w, seed=h)
+        torch.testing.assert_close(loaded(*args), model(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_trace_under_force_pytorch_records_grid_sample_with_dynamic_levels():
+    model = _levels_model()
+    with force_pytorch():
+        traced = torch.jit.trace(model, _levels_inputs(6, 8), check_trace=False)
+    graph = str(traced.inlined_graph)
+    assert "grid_sampler" in graph and "soit::ms_deform_attn" not in graph
+    args = _levels_inputs(11, 7, seed=1)
+    torch.testing.assert_close(traced(*args), model(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_uses_grid_sample_and_runs_at_other_sizes(tmp_path):
+    import onnx  # installed by scripts/setup.sh: a missing one fails here
+    import onnxruntime as ort
+
+    model = _levels_model()
+    path = str(tmp_path / "attn.onnx")
+    names = ["f0", "f1", "query", "ref"]
+    torch.onnx.export(
+        model,
+        _levels_inputs(6, 8),
+        path,
+        dynamo=False,
+        opset_version=17,
+        input_names=names,
+        output_names=["out"],
+        dynamic_axes={"f0": [2, 3], "f1": [2, 3]},
+    )
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert "GridSample" in ops
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for h, w in ((6, 8), (10, 13)):
+        args = _levels_inputs(h, w, seed=h)
+        (out,) = session.run(None, {n: t.numpy() for n, t in zip(names, args)})
+        torch.testing.assert_close(torch.from_numpy(out), model(*args).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_registered_op_gradients_and_opcheck(shared):
+    value, ss, lsi, loc, w, vi = make_inputs(B=2 if shared else None, N=3)
+    op = torch.ops.soit.ms_deform_attn
+    torch.library.opcheck(op, (value, ss, lsi, loc, w, vi))
+    fn = lambda v, lo, wt: op(v, ss, lsi, lo, wt, vi)  # noqa: E731
+    inputs = [t.clone().requires_grad_() for t in (value, loc, w)]
+    assert torch.autograd.gradcheck(fn, inputs)
+    torch.testing.assert_close(fn(*inputs), ms_deform_attn(value, ss, lsi, loc, w, value_index=vi, impl="pytorch"))
+
+
+def test_registered_op_under_torch_compile():
+    value, ss, lsi, loc, w, _ = make_inputs(dtype=torch.float32)
+    value, loc, w = (t.float() for t in (value, loc, w))
+    fn = lambda v, lo, wt: ms_deform_attn(v, ss, lsi, lo, wt).square().sum()  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    inputs = [t.clone().requires_grad_() for t in (value, loc, w)]
+    ref = [t.clone().requires_grad_() for t in (value, loc, w)]
+    out, expected = compiled(*inputs), fn(*ref)
+    torch.testing.assert_close(out, expected)
+    out.backward()
+    expected.backward()
+    for a, b in zip(inputs, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_gpu
+def test_traced_attention_on_cuda_calls_our_kernel(monkeypatch):
+    model = _levels_model().cuda()
+    calls = []
+    ext = msda_mod._extension()
+    counting = types.SimpleNamespace(
+        ms_deform_attn_forward=lambda *a: calls.append(1) or ext.ms_deform_attn_forward(*a),
+        ms_deform_attn_backward=ext.ms_deform_attn_backward,
+        with_cuda=ext.with_cuda,
+        cuda_arch_list=ext.cuda_arch_list,
+    )
+    monkeypatch.setattr(msda_mod, "_extension", lambda: counting)
+    traced = torch.jit.trace(model, [t.cuda() for t in _levels_inputs(6, 8)], check_trace=False)
+    assert "soit::ms_deform_attn" in str(traced.inlined_graph)
+    calls.clear()
+    args = [t.cuda() for t in _levels_inputs(12, 9, seed=3)]
+    out = traced(*args)
+    assert calls, "the traced op ran our CUDA kernel"
+    with force_pytorch():
+        ref = model(*args)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
