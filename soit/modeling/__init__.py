@@ -2,7 +2,7 @@ from .criterion import SetCriterion
 from .mask_encoder import MaskEncoder
 from .mask_head import InstanceAwareMaskHead
 from .matcher import HungarianMatcher
-from .meta_arch import SOIT
+from .meta_arch import SOIT, soit_postprocess
 from .neck import ChannelMapper
 from .transformer import DeformableTransformer
 
@@ -14,4 +14,5 @@ __all__ = [
     "InstanceAwareMaskHead",
     "HungarianMatcher",
     "SetCriterion",
+    "soit_postprocess",
 ]

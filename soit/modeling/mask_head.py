@@ -266,10 +266,9 @@ class InstanceAwareMaskHead(nn.Module):
         ys = (torch.arange(h, device=z.device, dtype=offsets.dtype) + 0.5) / h
         xs = (torch.arange(w, device=z.device, dtype=offsets.dtype) + 0.5) / w
         ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 1, 1, 1, 2)
-        normalizer = torch.tensor([w, h], device=z.device, dtype=offsets.dtype)
-        locations = ref + offsets / normalizer
-
-        shapes = torch.tensor([[h, w]], device=z.device, dtype=torch.long)
+        # (h, w) from the tensor's shape, not Python ints, so that a traced graph keeps them
+        shapes = torch._shape_as_tensor(mask_feats)[-2:].to(z.device)[None]
+        locations = ref + offsets / shapes.flip(-1).to(offsets.dtype)
         start = shapes.new_zeros(1)
         sampled = ms_deform_attn(value, shapes, start, locations, attn.to(value.dtype), value_index=batch_index)
 

@@ -14,7 +14,7 @@ from ..layers.position_encoding import inverse_sigmoid
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .mask_head import aligned_bilinear
 
-__all__ = ["SOIT", "MLP"]
+__all__ = ["SOIT", "MLP", "soit_postprocess"]
 
 
 class MLP(nn.Module):
@@ -146,10 +146,12 @@ class SOIT(nn.Module):
         padding mask (True at padding)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images)
-        B, _, Hp, Wp = images.tensor.shape
-        padding = torch.ones(B, Hp, Wp, dtype=torch.bool, device=self.device)
-        for i, (h, w) in enumerate(images.image_sizes):
-            padding[i, :h, :w] = False
+        Hp, Wp = images.tensor.shape[-2:]
+        # comparisons, not slice assignments: while tracing the sizes are tensors and the
+        # padding must follow them at run time
+        ys = torch.arange(Hp, device=self.device)[:, None]
+        xs = torch.arange(Wp, device=self.device)[None, :]
+        padding = torch.stack([(ys >= h) | (xs >= w) for h, w in images.image_sizes])
         return images, padding
 
     def prepare_targets(self, batched_inputs, images: ImageList):
@@ -170,17 +172,46 @@ class SOIT(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, batched_inputs: List[Dict]):
-        images, padding = self.preprocess_image(batched_inputs)
-        outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+        """
+        Args:
+            batched_inputs: detectron2 dicts with "image" (C, H, W) in ``input_format``,
+                optionally "height" / "width" (the size to return results in) and, for
+                training, "instances".
+
+        Returns:
+            training: a dict of weighted losses. Inference: one dict per image with
+            "instances" in the original image size (see :meth:`inference`).
+        """
         if self.training:
+            images, padding = self.preprocess_image(batched_inputs)
+            outputs, mask_inputs = self.forward_heads(images.tensor, padding)
             targets = self.prepare_targets(batched_inputs, images)
             return self.criterion(outputs, targets, mask_inputs)
-        results = self.inference(outputs, mask_inputs, images.image_sizes)
+        return self.inference(batched_inputs)
+
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+        """Detections of each image.
+
+        Args:
+            batched_inputs: as in :meth:`forward`.
+            do_postprocess: True: ``[{"instances": Instances}]`` in each input's "height" x
+                "width" (default: the network input size), boolean ``pred_masks``. False: a
+                list of ``Instances`` in the network input size with ``pred_masks`` holding
+                mask probabilities (k, h, w); :func:`soit_postprocess` finishes them. This
+                part is what deployment traces (TracingAdapter): no Python numbers depend on
+                the input size, so an exported graph runs at any size.
+        """
+        images, padding = self.preprocess_image(batched_inputs)
+        outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+        results = self.select_detections(outputs, mask_inputs)
+        instances = [self.instances_at_input_size(r, size) for r, size in zip(results, images.image_sizes)]
+        if not do_postprocess:
+            return instances
         processed = []
-        for res, x, size in zip(results, batched_inputs, images.image_sizes):
+        for inst, x, size in zip(instances, batched_inputs, images.image_sizes):
             height = x.get("height", size[0])
             width = x.get("width", size[1])
-            processed.append({"instances": self.postprocess(res, size, (height, width))})
+            processed.append({"instances": soit_postprocess(inst, height, width, self.mask_threshold)})
         return processed
 
     def forward_heads(self, images: torch.Tensor, padding: torch.Tensor):
@@ -224,7 +255,7 @@ class SOIT(nn.Module):
         return outputs, {"mask_feats": mask_feats, "mask_padding": masks[0]}
 
     # -------------------------------------------------------------- inference
-    def inference(self, outputs, mask_inputs, image_sizes):
+    def select_detections(self, outputs, mask_inputs):
         """Top-k (query, class) pairs of the last layer and their mask logits.
 
         Returns, per image, a dict of "scores" (k,), "labels" (k,), "queries" (k,),
@@ -251,34 +282,75 @@ class SOIT(nn.Module):
             for i in range(B)
         ]
 
-    def postprocess(self, result, image_size, output_size):
-        """One image's detections in the original image size, as ``Instances``.
+    def instances_at_input_size(self, result, image_size):
+        """One image's detections in the network input size, as ``Instances``: boxes in
+        pixels clipped to the image, ``pred_masks`` mask probabilities (k, h, w).
 
         Args:
-            result: one entry of :meth:`inference`.
-            image_size: (h, w) of the network input (without the batch padding).
-            output_size: (height, width) of the original image.
+            result: one entry of :meth:`select_detections`.
+            image_size: (h, w) of the network input without the batch padding (ints, or
+                0-d tensors while tracing).
         """
         h, w = image_size
-        height, width = output_size
-        boxes = box_cxcywh_to_xyxy(result["boxes"]) * result["boxes"].new_tensor([w, h, w, h])
-        boxes = Boxes(boxes)
-        boxes.clip((h, w))
-        boxes.scale(width / w, height / h)
+        scale = torch.stack([torch.as_tensor(v) for v in (w, h, w, h)]).to(result["boxes"])
+        # x clipped to [0, w], y to [0, h]
+        boxes = torch.minimum((box_cxcywh_to_xyxy(result["boxes"]) * scale).clamp(min=0), scale)
 
         logits = result["mask_logits"][None]
         if self.inference_padding == "crop":
             # the image alone gives a ceil(h / stride)-row map: keep exactly that part, so the
             # batch padding never reaches the upsampling
-            logits = logits[..., : math.ceil(h / self.mask_stride), : math.ceil(w / self.mask_stride)]
+            s = self.mask_stride
+            logits = logits[..., : (h + s - 1) // s, : (w + s - 1) // s]
         probs = aligned_bilinear(logits, self.mask_stride // 2).sigmoid()  # half the input resolution
         probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=True)
-        if (height, width) != (h, w):
-            probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=True)
 
-        inst = Instances((height, width))
-        inst.pred_boxes = boxes
+        # the size as given: while tracing a (2,) tensor, which the exported graph outputs
+        inst = Instances(image_size)
+        inst.pred_boxes = Boxes(boxes)
         inst.scores = result["scores"]
         inst.pred_classes = result["labels"]
-        inst.pred_masks = probs[0] > self.mask_threshold
+        inst.pred_masks = probs[0]
         return inst
+
+    def postprocess(self, result, image_size, output_size):
+        """One image's detections in the original image size (boolean masks): the eager
+        composition of :meth:`instances_at_input_size` and :func:`soit_postprocess`."""
+        inst = self.instances_at_input_size(result, image_size)
+        return soit_postprocess(inst, output_size[0], output_size[1], self.mask_threshold)
+
+
+def soit_postprocess(instances: Instances, output_height: int, output_width: int, mask_threshold: float = 0.5):
+    """Resize detections in the network input size to the original image size.
+
+    The counterpart of detectron2's ``detector_postprocess`` for full-image masks: boxes are
+    scaled, mask probabilities resized (bilinear, corners aligned) and thresholded. It runs
+    outside exported graphs, on what :meth:`SOIT.inference` returns with
+    ``do_postprocess=False`` (also after an exported model's outputs were unflattened).
+
+    Args:
+        instances: ``Instances`` whose ``image_size`` is the network input size and whose
+            ``pred_masks`` are probabilities (k, h, w).
+        output_height, output_width: the original image size.
+        mask_threshold: probability above which a pixel belongs to a mask.
+
+    Returns:
+        a new ``Instances`` of size (output_height, output_width) with boolean masks.
+    """
+    h, w = (int(v) for v in instances.image_size)
+    height, width = int(output_height), int(output_width)
+    result = Instances((height, width))
+    for name, value in instances.get_fields().items():
+        result.set(name, value)
+    if instances.has("pred_boxes"):
+        boxes = Boxes(instances.pred_boxes.tensor.clone())
+        boxes.scale(width / w, height / h)
+        result.pred_boxes = boxes
+    if instances.has("pred_masks"):
+        probs = instances.pred_masks
+        if probs.dtype == torch.bool:
+            raise ValueError("soit_postprocess expects mask probabilities, got boolean pred_masks")
+        if (height, width) != (h, w) and len(probs):
+            probs = F.interpolate(probs[None].float(), size=(height, width), mode="bilinear", align_corners=True)[0]
+        result.pred_masks = probs > mask_threshold
+    return result

@@ -329,7 +329,7 @@ def test_official_fixture_inference_parity(small_model, fixture_ref):
         with torch.no_grad():
             images, padding = model.preprocess_image([{"image": image}])
             outputs, mask_inputs = model.forward_heads(images.tensor, padding)
-            res = model.inference(outputs, mask_inputs, images.image_sizes)[0]
+            res = model.select_detections(outputs, mask_inputs)[0]
             inst = model.postprocess(res, (h, w), (h, w))
         # the same 100 (query, label) detections, in the same order
         assert torch.equal(res["queries"], expected["det_query"].long()), i

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Export a SOIT LazyConfig model to TorchScript or ONNX through detectron2's TracingAdapter.
+
+    python tools/deploy/export_model.py --config-file configs/soit_r50_50ep.py \\
+        --format torchscript --export-method tracing --sample-image input.jpg \\
+        --output exported/ train.init_checkpoint=model_final.pth
+
+The sample image is read in the model's channel order and resized by the config's test-time
+augmentation (``dataloader.test.mapper.augmentations``), exactly as evaluation feeds the
+model; without ``--sample-image`` a synthetic 480 x 640 image is used. The exported graph runs
+at any input size: the sample only drives the trace. The export is then run once more on the
+sample and compared with eager mode (``--no-check`` skips that).
+
+Written files (OUTPUT is a folder): ``model.ts`` or ``model.onnx``, and ``<file>.json``
+describing the input, the outputs and the post-processing (see soit/export.py). Existing
+files are kept unless ``--overwrite`` is given.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+logger = logging.getLogger("soit.export")
+
+FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig (.py or .yaml)")
+    parser.add_argument("--format", required=True, help="torchscript or onnx")
+    parser.add_argument("--export-method", default="tracing", help="tracing (the only method SOIT supports)")
+    parser.add_argument("--sample-image", default=None, help="image to trace with (default: synthetic)")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--device", default="cpu", help="device to trace on (cuda: the graph keeps our kernel)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing exported files")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing the export with eager mode")
+    parser.add_argument("opts", nargs="*", default=[], help="config overrides key=value")
+    return parser
+
+
+def sample_input(cfg, model, path):
+    """The network input for the trace: (3, H, W) uint8 in the model's channel order."""
+    import numpy as np
+    import torch
+    from detectron2.config import instantiate
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+
+    if path is None:
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+        source = "synthetic 480x640"
+    else:
+        image = utils.read_image(path, format=model.input_format)
+        source = path
+    augs = []
+    test_loader = cfg.get("dataloader", {}).get("test", None)
+    if test_loader is not None and "mapper" in test_loader and "augmentations" in test_loader.mapper:
+        augs = [instantiate(a) for a in test_loader.mapper.augmentations]
+    image = T.AugmentationList(augs)(T.AugInput(image)).apply_image(image) if augs else image
+    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return tensor, source
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format not in FILE_NAMES:
+        parser.error(f"--format must be one of {sorted(FILE_NAMES)}, got {args.format!r}")
+    if args.export_method != "tracing":
+        parser.error(f"--export-method {args.export_method!r} is not supported: SOIT exports by tracing")
+    if not os.path.isfile(args.config_file):
+        parser.error(f"--config-file {args.config_file!r} does not exist")
+    if args.sample_image is not None and not os.path.isfile(args.sample_image):
+        parser.error(f"--sample-image {args.sample_image!r} does not exist")
+    if args.opset < 16:
+        parser.error(f"--opset {args.opset}: ONNX has GridSample from opset 16 on")
+    out_file = os.path.join(args.output, FILE_NAMES[args.format])
+    info_file = out_file + ".json"
+    for path in (out_file, info_file):
+        if os.path.exists(path) and not args.overwrite:
+            parser.error(f"{path} exists; pass --overwrite to replace it")
+
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.utils.logger import setup_logger
+
+    from soit import export
+
+    setup_logger(name="soit")
+    setup_logger(name="fvcore")
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    model = instantiate(cfg.model).to(args.device).eval()
+    weights = cfg.get("train", {}).get("init_checkpoint", "")
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    else:
+        logger.warning("train.init_checkpoint is empty: exporting a randomly initialised model")
+    image, source = sample_input(cfg, model, args.sample_image)
+    image = image.to(args.device)
+
+    os.makedirs(args.output, exist_ok=True)
+    start = time.perf_counter()
+    tmp = out_file + ".partial"
+    if args.format == "torchscript":
+        _, names = export.export_torchscript(model, image, tmp)
+    else:
+        names = export.export_onnx(model, image, tmp, opset=args.opset)
+    os.replace(tmp, out_file)
+    export.write_export_info(info_file, model, args.format, names, image.shape[1:], args.opset if args.format == "onnx" else None)
+    elapsed = time.perf_counter() - start
+
+    print(f"exported {args.config_file} to {args.format} in {elapsed:.1f} s")
+    print(f"  model:   {out_file} ({os.path.getsize(out_file) / 2**20:.1f} MiB)")
+    print(f"  info:    {info_file}")
+    print(f"  traced:  {source} -> network input {tuple(image.shape[1:])}, device {args.device}")
+    print(f"  input:   {export.INPUT_NAME} (3, height, width) {model.input_format}, any size")
+    print(f"  outputs: {', '.join(names)}")
+
+    if not args.no_check:
+        with torch.no_grad():
+            eager = model.inference([{"image": image}], do_postprocess=False)[0]
+            if args.format == "torchscript":
+                got = export.instances_from_outputs(torch.jit.load(out_file)(image), names)
+            else:
+                import onnxruntime as ort
+
+                session = ort.InferenceSession(out_file, providers=["CPUExecutionProvider"])
+                got = export.instances_from_outputs(session.run(None, {export.INPUT_NAME: image.cpu().numpy()}), names)
+        diffs = export.max_differences(eager, got)
+        print("  check:   exported vs eager on the sample, max |difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
