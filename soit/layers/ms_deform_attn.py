@@ -386,15 +386,20 @@ class _MSDeformAttnFunction(torch.autograd.Function):
             value_index,
             grad_output.to(value.dtype).contiguous(),
         )
-        need = ctx.needs_input_grad
-        return (
-            grad_value if need[0] else None,
-            None,
-            None,
-            grad_loc if need[3] else None,
-            grad_weights if need[4] else None,
-            None,
-        )
+        return _input_grads(ctx.needs_input_grad, grad_value, grad_loc, grad_weights)
+
+
+def _input_grads(need, grad_value, grad_loc, grad_weights):
+    """Gradients for (value, spatial_shapes, level_start_index, locations, weights,
+    value_index), None where not needed."""
+    return (
+        grad_value if need[0] else None,
+        None,
+        None,
+        grad_loc if need[3] else None,
+        grad_weights if need[4] else None,
+        None,
+    )
 
 
 def _coord_dtype(value_dtype, loc_dtype, weight_dtype):
@@ -451,8 +456,7 @@ def _ms_deform_attn_op(
     value_index: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """``soit::ms_deform_attn``: the PyTorch path on every device but CUDA."""
-    out = _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
-    return out.clone() if _aliases(out, value) else out
+    return _op_result(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
 
 
 @_ms_deform_attn_op.register_kernel("cuda")
@@ -461,13 +465,16 @@ def _ms_deform_attn_op_cuda(value, spatial_shapes, level_start_index, sampling_l
     if _cuda_kernel_for(value):
         args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
         return _extension().ms_deform_attn_forward(*args)
-    out = _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
-    return out.clone() if _aliases(out, value) else out
+    return _op_result(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
 
 
-def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # a custom op must not return a view of its input (a zero-size result can be one)
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+def _op_result(value, *args):
+    """The PyTorch path's result, never a view of ``value`` (a custom op must not return
+    one; a zero-size result could be)."""
+    out = _pytorch_any(value, *args)
+    if out.numel() > 0 and out.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+        out = out.clone()
+    return out
 
 
 @_ms_deform_attn_op.register_fake
@@ -535,15 +542,7 @@ def _ms_deform_attn_op_backward(ctx, grad_output):
     grad_value, grad_loc, grad_weights = torch.ops.soit.ms_deform_attn_backward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, ctx.value_index, grad_output
     )
-    need = ctx.needs_input_grad
-    return (
-        grad_value if need[0] else None,
-        None,
-        None,
-        grad_loc if need[3] else None,
-        grad_weights if need[4] else None,
-        None,
-    )
+    return _input_grads(ctx.needs_input_grad, grad_value, grad_loc, grad_weights)
 
 
 _ms_deform_attn_op.register_autograd(_ms_deform_attn_op_backward, setup_context=_ms_deform_attn_op_setup)
