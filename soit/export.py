@@ -19,13 +19,11 @@ imports the op) before ``torch.jit.load``. ONNX graphs hold ``GridSample`` inste
 nothing of ours.
 """
 import json
-import os
 import warnings
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
-
 from detectron2.structures import Boxes, Instances
 
 # importing the model imports soit.layers.ms_deform_attn, which registers soit::ms_deform_attn

@@ -5,10 +5,9 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
 
 from ..layers.position_encoding import inverse_sigmoid
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh

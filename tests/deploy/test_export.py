@@ -256,3 +256,22 @@ def test_max_differences_pairs_swapped_near_ties(model):
     assert diffs["scores"] == pytest.approx(1e-6, abs=1e-7)
     with pytest.raises(AssertionError, match="image sizes differ"):
         export.max_differences(eager, _eager(model, _image(*OTHER_SIZES[1])))
+
+
+def test_export_tool_resizes_the_sample_like_evaluation(sample_image):
+    """The sample goes through the config's test-time resize (ResizeShortestEdge 800/1333 for
+    COCO), in the model's channel order."""
+    import types
+
+    from detectron2.config import LazyConfig
+
+    sys.path.insert(0, os.path.dirname(EXPORT_TOOL))
+    import export_model
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "soit_r50_50ep.py"))
+    rgb, _ = export_model.sample_input(cfg, types.SimpleNamespace(input_format="RGB"), sample_image)
+    bgr, _ = export_model.sample_input(cfg, types.SimpleNamespace(input_format="BGR"), sample_image)
+    assert rgb.shape == (3, 800, 1040)  # 160 x 208 scaled to a short side of 800
+    assert torch.equal(rgb.flip(0), bgr)
+    synthetic, source = export_model.sample_input(cfg, types.SimpleNamespace(input_format="RGB"), None)
+    assert synthetic.shape == (3, 800, 1067) and "synthetic" in source

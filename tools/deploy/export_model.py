@@ -6,7 +6,7 @@
         --output exported/ train.init_checkpoint=model_final.pth
 
 The sample image is read in the model's channel order and resized by the config's test-time
-augmentation (``dataloader.test.mapper.augmentations``), exactly as evaluation feeds the
+augmentation (``dataloader.test.mapper.augmentation``), exactly as evaluation feeds the
 model; without ``--sample-image`` a synthetic 480 x 640 image is used. The exported graph runs
 at any input size: the sample only drives the trace. The export is then run once more on the
 sample and compared with eager mode (``--no-check`` skips that).
@@ -51,6 +51,8 @@ def sample_input(cfg, model, path):
     from detectron2.data import detection_utils as utils
     from detectron2.data import transforms as T
 
+    from soit.engine.predictor import config_test_augmentations
+
     if path is None:
         rng = np.random.default_rng(0)
         image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
@@ -58,11 +60,9 @@ def sample_input(cfg, model, path):
     else:
         image = utils.read_image(path, format=model.input_format)
         source = path
-    augs = []
-    test_loader = cfg.get("dataloader", {}).get("test", None)
-    if test_loader is not None and "mapper" in test_loader and "augmentations" in test_loader.mapper:
-        augs = [instantiate(a) for a in test_loader.mapper.augmentations]
-    image = T.AugmentationList(augs)(T.AugInput(image)).apply_image(image) if augs else image
+    augs = [instantiate(a) for a in config_test_augmentations(cfg)]
+    if augs:
+        image = T.AugmentationList(augs)(T.AugInput(image)).apply_image(image)
     tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
     return tensor, source
 
