@@ -99,6 +99,44 @@ def test_torchscript_round_trip_equals_eager_at_other_sizes(model, tmp_path):
         _assert_same_in_original_size(model, image, got, order, 2 * h + 1, w + 7)
 
 
+def _swin_tiny_model():
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "models", "soit_swin_l.py"))
+    cfg.model.backbone.model_name = "swin_tiny_patch4_window7_224"  # Swin-L's code, smaller
+    cfg.model.neck.in_channels = [192, 384, 768]
+    cfg.model.transformer.num_queries = 30
+    cfg.model.num_classes = 3
+    return instantiate(cfg.model)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["single-stage", "no box refinement", "official padding", "swin backbone"],
+)
+def test_model_variants_trace_at_other_sizes(variant, tmp_path):
+    torch.manual_seed(0)
+    if variant == "single-stage":
+        model = tiny_model(**{"two_stage": False, "transformer.two_stage": False})
+    elif variant == "no box refinement":
+        model = tiny_model(**{"with_box_refine": False, "transformer.box_refine": False})
+    elif variant == "official padding":
+        model = tiny_model(inference_padding="official")
+    else:
+        model = _swin_tiny_model()
+    model.eval()
+    # Swin pads to its 7 x 7 windows (of stride-4 patches) inside the graph
+    sizes = [(160, 224), (200, 152)] if variant == "swin backbone" else [TRACE_SIZE, OTHER_SIZES[0]]
+    traced, names = export.export_torchscript(model, _image(*sizes[0]), str(tmp_path / "model.ts"))
+    for h, w in sizes:
+        image = _image(h, w)
+        with torch.no_grad():
+            got = export.instances_from_outputs(traced(image), names)
+        diffs = export.max_differences(_eager(model, image), got)
+        assert diffs["pred_classes"] == 0 and diffs["scores"] < 1e-5 and diffs["pred_boxes"] < 1e-3, diffs
+        assert diffs["pred_masks"] < 1e-4, diffs
+
+
 def test_torchscript_loads_in_a_fresh_process(model, tmp_path):
     path = str(tmp_path / "model.ts")
     _, names = export.export_torchscript(model, _image(*TRACE_SIZE), path)
@@ -275,3 +313,12 @@ def test_export_tool_resizes_the_sample_like_evaluation(sample_image):
     assert torch.equal(rgb.flip(0), bgr)
     synthetic, source = export_model.sample_input(cfg, types.SimpleNamespace(input_format="RGB"), None)
     assert synthetic.shape == (3, 800, 1067) and "synthetic" in source
+
+
+def test_benchmark_export_runs_and_checks_the_exports():
+    tool = os.path.join(REPO, "tools", "benchmark_export.py")
+    args = ["--config-file", "configs/models/soit_tiny.py", "--input-size", "96", "128", "--runs", "1", "--markdown"]
+    res = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and not line.startswith("| runtime")]
+    assert [r.split(" | ")[0] for r in rows] == ["| eager (PyTorch)", "| TorchScript", "| onnxruntime (CPU)"]
