@@ -455,8 +455,9 @@ def _ms_deform_attn_op(
     attention_weights: torch.Tensor,
     value_index: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``soit::ms_deform_attn``: the PyTorch path on every device but CUDA."""
-    return _op_result(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    """``soit::ms_deform_attn``: the PyTorch path on every device but CUDA (its result is a
+    new tensor, never a view of an input, as a custom op's must be)."""
+    return _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
 
 
 @_ms_deform_attn_op.register_kernel("cuda")
@@ -465,16 +466,7 @@ def _ms_deform_attn_op_cuda(value, spatial_shapes, level_start_index, sampling_l
     if _cuda_kernel_for(value):
         args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
         return _extension().ms_deform_attn_forward(*args)
-    return _op_result(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
-
-
-def _op_result(value, *args):
-    """The PyTorch path's result, never a view of ``value`` (a custom op must not return
-    one; a zero-size result could be)."""
-    out = _pytorch_any(value, *args)
-    if out.numel() > 0 and out.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
-        out = out.clone()
-    return out
+    return _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
 
 
 @_ms_deform_attn_op.register_fake
