@@ -9,7 +9,6 @@ import torch
 from conftest import REPO
 from detectron2.config import LazyConfig, instantiate
 
-from soit.data.nuclei import prepare_nuclei
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import demo
@@ -18,13 +17,6 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 # A random model's 100 detections all pass threshold 0; 5 are enough to see drawing, and
 # drawing 100 masks would take seconds per image.
 FAST = ["--confidence-threshold", "0", "model.max_detections=5"]
-
-
-@pytest.fixture(scope="session")
-def nuclei(tmp_path_factory):
-    # The same root as tests/data/test_nuclei.py: whichever runs first prepares it.
-    base = tmp_path_factory.getbasetemp()
-    return prepare_nuclei(str(base / "nuclei"), cache_dir=str(base / "stardist-wheel"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from soit.data import (
     SOITDatasetMapper,
     detr_augmentations,
     mask_to_box,
-    prepare_nuclei,
     register_nuclei,
 )
 
@@ -49,10 +48,8 @@ def _tight_box(mask):
 
 # ----------------------------------------------------------------- real annotations
 @pytest.fixture(scope="module")
-def nuclei_val(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    # The same root as test_nuclei.py's fixture: prepared once per session, then skipped.
-    info = prepare_nuclei(str(base / "nuclei"), cache_dir=str(base / "stardist-wheel"))
+def nuclei_val(nuclei):
+    info = nuclei
     names = ("test_mapper_nuclei_train", "test_mapper_nuclei_val")
     register_nuclei(os.path.dirname(info["train_json"]), names=names)
     (record,) = DatasetCatalog.get(names[1])

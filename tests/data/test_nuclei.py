@@ -13,18 +13,6 @@ from soit.data.nuclei import NUCLEI_SHA256, QUADRANTS, VAL_QUADRANT, prepare_nuc
 QUADRANT_COUNTS = {"top_left": 35, "top_right": 33, "bottom_left": 40, "bottom_right": 29}
 
 
-@pytest.fixture(scope="session")
-def wheel_cache(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "stardist-wheel")
-
-
-@pytest.fixture(scope="session")
-def nuclei(tmp_path_factory, wheel_cache):
-    # The same root as the mapper tests' fixture: whichever runs second finds it prepared.
-    # A failed download fails here (no skip): PyPI is part of the test environment.
-    return prepare_nuclei(str(tmp_path_factory.getbasetemp() / "nuclei"), cache_dir=wheel_cache)
-
-
 def _load(path):
     with open(path) as f:
         return json.load(f)
@@ -60,32 +48,32 @@ def test_split_counts_and_coco_files(nuclei):
             assert inside > outside + 40
 
 
-def test_idempotent_and_leaves_other_files(nuclei, wheel_cache, tmp_path):
-    again = prepare_nuclei(os.path.dirname(nuclei["train_json"]), cache_dir=wheel_cache)
+def test_idempotent_and_leaves_other_files(nuclei, nuclei_wheel_cache, tmp_path):
+    again = prepare_nuclei(os.path.dirname(nuclei["train_json"]), cache_dir=nuclei_wheel_cache)
     assert again["skipped"] and again["num_instances"] == nuclei["num_instances"]
 
     root = tmp_path / "nuclei_x1"
     root.mkdir()
     (root / "notes.txt").write_text("mine")
-    first = prepare_nuclei(str(root), scale=1, cache_dir=wheel_cache)
+    first = prepare_nuclei(str(root), scale=1, cache_dir=nuclei_wheel_cache)
     assert not first["skipped"]
     assert Image.open(root / "images" / "top_left.png").size == (256, 256)
     mtime = os.path.getmtime(first["train_json"])
-    second = prepare_nuclei(str(root), scale=1, cache_dir=wheel_cache)
+    second = prepare_nuclei(str(root), scale=1, cache_dir=nuclei_wheel_cache)
     assert second["skipped"] and os.path.getmtime(first["train_json"]) == mtime
     assert (root / "notes.txt").read_text() == "mine"
     # A changed setting invalidates the manifest and rebuilds.
-    third = prepare_nuclei(str(root), scale=3, cache_dir=wheel_cache)
+    third = prepare_nuclei(str(root), scale=3, cache_dir=nuclei_wheel_cache)
     assert not third["skipped"] and Image.open(root / "images" / "top_left.png").size == (768, 768)
     assert third["num_instances"] == {"train": 108, "val": 29}
 
 
-def test_checksum_mismatch_is_a_clear_error(nuclei, wheel_cache, tmp_path):
+def test_checksum_mismatch_is_a_clear_error(nuclei, nuclei_wheel_cache, tmp_path):
     wrong = dict(NUCLEI_SHA256)
     member = "stardist/data/images/img2d.tif"
     wrong[member] = "0" * 64
     with pytest.raises(RuntimeError, match="SHA-256 mismatch for stardist/data/images/img2d.tif") as info:
-        prepare_nuclei(str(tmp_path / "bad"), cache_dir=wheel_cache, expected_sha256=wrong)
+        prepare_nuclei(str(tmp_path / "bad"), cache_dir=nuclei_wheel_cache, expected_sha256=wrong)
     assert NUCLEI_SHA256[member] in str(info.value) and "0" * 64 in str(info.value)
     assert not (tmp_path / "bad" / "train.json").exists()
 

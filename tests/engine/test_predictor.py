@@ -11,19 +11,11 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 
-from soit.data.nuclei import prepare_nuclei
 from soit.engine import Predictor
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 # 10 instead of 100 detections: the same code path at a tenth of the mask upsampling
 OVERRIDES = ["model.max_detections=10"]
-
-
-@pytest.fixture(scope="session")
-def nuclei(tmp_path_factory):
-    # The same root as tests/data/test_nuclei.py: whichever runs first prepares it.
-    base = tmp_path_factory.getbasetemp()
-    return prepare_nuclei(str(base / "nuclei"), cache_dir=str(base / "stardist-wheel"))
 
 
 @pytest.fixture(scope="module")

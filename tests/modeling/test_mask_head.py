@@ -2,7 +2,6 @@
 encoding, batching, aligned upsampling. References are written in plain numpy."""
 
 import math
-import os
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """Deformable transformer (encoder, two-stage proposals, refining decoder) and mask encoder."""
-import os
 import re
 
 import pytest
