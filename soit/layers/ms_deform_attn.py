@@ -226,24 +226,23 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample works on [-1, 1] with align_corners=False: pixel centres at (i + 0.5) / W.
     grids = 2 * sampling_locations - 1
-    sampled = []
+    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L, P)
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L, P)
+    # levels accumulated one at a time: no (N*M, D, Lq, L, P) stack of all samples
+    out = None
     for lvl, (h, w) in enumerate(shapes):
         if not tracing and h * w == 0:  # grid_sample rejects empty inputs; an empty level samples zeros
-            sampled.append(None)
             continue
         # (N, H*W, M, D) -> (N*M, D, H, W)
         v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    if any(s is None for s in sampled):
-        like = next((s for s in sampled if s is not None), None)
-        zeros = (like if like is not None else value).new_zeros(N * M, D, Lq, P)
-        sampled = [zeros if s is None else s for s in sampled]
-    # (N*M, D, Lq, L, P) weighted by (N*M, 1, Lq, L, P)
-    sampled = torch.stack(sampled, dim=-2)
-    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L, P)
-    out = (sampled * weights).flatten(-2).sum(-1)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # (N*M, D, Lq, P) weighted by (N*M, 1, Lq, P), summed over the points
+        term = (sampled * weights[..., lvl, :]).sum(-1)
+        out = term if out is None else out + term
+    if out is None:  # every level empty
+        out = value.new_zeros(N * M, D, Lq)
     out = out.view(N, M * D, Lq).transpose(1, 2).contiguous()
     return out if out_dtype is None else out.to(out_dtype)
 
