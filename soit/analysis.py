@@ -18,6 +18,8 @@ import torch
 from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
+from .export import trace_adapter
+
 __all__ = [
     "ms_deform_attn_flop_jit",
     "baddbmm_flop_jit",
@@ -88,16 +90,10 @@ def _output_numel(inputs: List[Any], outputs: List[Any]) -> int:
     return numel
 
 
-def _adapter(model, image: torch.Tensor):
-    from .export import trace_adapter
-
-    return trace_adapter(model, image)
-
-
 def flop_count_analysis(model, image: torch.Tensor) -> FlopCountAnalysis:
     """fvcore ``FlopCountAnalysis`` of the model on one network-input image (3, H, W),
     with the deformable attention counted (see the module docstring)."""
-    adapter = _adapter(model, image)
+    adapter = trace_adapter(model, image)
     analysis = FlopCountAnalysis(adapter, adapter.flattened_inputs)
     handles: Dict[str, Any] = {op: None for op in _IGNORED_OPS}
     handles.update(
@@ -113,7 +109,7 @@ def flop_count_analysis(model, image: torch.Tensor) -> FlopCountAnalysis:
 def activation_count_analysis(model, image: torch.Tensor) -> ActivationCountAnalysis:
     """fvcore ``ActivationCountAnalysis`` (outputs of convolutions, linear layers, matrix
     products and the deformable attention)."""
-    adapter = _adapter(model, image)
+    adapter = trace_adapter(model, image)
     analysis = ActivationCountAnalysis(adapter, adapter.flattened_inputs)
     handles: Dict[str, Any] = {op: None for op in _IGNORED_OPS + _NOT_ACTIVATIONS}
     for op in (MS_DEFORM_ATTN_OP, "aten::baddbmm", "aten::scaled_dot_product_attention"):

@@ -172,11 +172,6 @@ def _cuda_kernel_for(value: torch.Tensor) -> bool:
     return value.is_cuda and has_cuda_kernel() and _kernel_supports(value.device)
 
 
-def _use_kernel(value: torch.Tensor, impl: str) -> bool:
-    """Whether a call runs soit._C directly (kept for callers that only ask that)."""
-    return _route(value, impl) == "kernel"
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure-PyTorch formulations
 # ---------------------------------------------------------------------------------------------

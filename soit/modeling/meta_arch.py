@@ -203,14 +203,12 @@ class SOIT(nn.Module):
         images, padding = self.preprocess_image(batched_inputs)
         outputs, mask_inputs = self.forward_heads(images.tensor, padding)
         results = self.select_detections(outputs, mask_inputs)
-        instances = [self.instances_at_input_size(r, size) for r, size in zip(results, images.image_sizes)]
         if not do_postprocess:
-            return instances
+            return [self.instances_at_input_size(r, size) for r, size in zip(results, images.image_sizes)]
         processed = []
-        for inst, x, size in zip(instances, batched_inputs, images.image_sizes):
-            height = x.get("height", size[0])
-            width = x.get("width", size[1])
-            processed.append({"instances": soit_postprocess(inst, height, width, self.mask_threshold)})
+        for res, x, size in zip(results, batched_inputs, images.image_sizes):
+            output_size = (x.get("height", size[0]), x.get("width", size[1]))
+            processed.append({"instances": self.postprocess(res, size, output_size)})
         return processed
 
     def forward_heads(self, images: torch.Tensor, padding: torch.Tensor):

@@ -269,15 +269,15 @@ def test_dispatch(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
     monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
-    assert msda_mod._use_kernel(fake_cuda, "auto")
-    assert not msda_mod._use_kernel(cpu, "auto"), "CPU tensors take the PyTorch path by default"
-    assert not msda_mod._use_kernel(fake_cuda, "pytorch")
+    assert msda_mod._route(fake_cuda, "auto") == "kernel"
+    assert msda_mod._route(cpu, "auto") == "pytorch", "CPU tensors take the PyTorch path by default"
+    assert msda_mod._route(fake_cuda, "pytorch") == "pytorch"
     with force_pytorch():
-        assert not msda_mod._use_kernel(fake_cuda, "auto")
+        assert msda_mod._route(fake_cuda, "auto") == "pytorch"
         with force_pytorch(False):
-            assert msda_mod._use_kernel(fake_cuda, "auto")
-        assert not msda_mod._use_kernel(fake_cuda, "auto")
-    assert msda_mod._use_kernel(fake_cuda, "auto")
+            assert msda_mod._route(fake_cuda, "auto") == "kernel"
+        assert msda_mod._route(fake_cuda, "auto") == "pytorch"
+    assert msda_mod._route(fake_cuda, "auto") == "kernel"
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     assert msda_mod._route(fake_cuda, "auto") == "op", "tracing records soit::ms_deform_attn"
     assert msda_mod._route(cpu, "auto") == "op"
@@ -288,12 +288,12 @@ def test_dispatch(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: False)
     monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
-    assert not msda_mod._use_kernel(fake_cuda, "auto"), "a GPU the extension has no code for"
+    assert msda_mod._route(fake_cuda, "auto") == "pytorch", "a GPU the extension has no code for"
     monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: False)
     monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
-    assert not msda_mod._use_kernel(fake_cuda, "auto")
+    assert msda_mod._route(fake_cuda, "auto") == "pytorch"
     with pytest.raises(ValueError, match="impl"):
-        msda_mod._use_kernel(cpu, "fast")
+        msda_mod._route(cpu, "fast")
 
 
 def test_kernel_supports_device(monkeypatch):
