@@ -10,10 +10,14 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from ..layers.position_encoding import inverse_sigmoid
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .mask_head import aligned_bilinear
+from .tiling import TileDetections, paste_masks, tiled_predict
 
-__all__ = ["SOIT", "MLP", "soit_postprocess"]
+__all__ = ["SOIT", "MLP", "soit_postprocess", "REFERENCE_PARTS"]
+
+# the parts of the model that reference_size makes measure pixels (docs/scale.md)
+REFERENCE_PARTS = ("position", "proposals", "queries", "deltas", "mask")
 
 
 class MLP(nn.Module):
@@ -65,6 +69,12 @@ class SOIT(nn.Module):
         mask_threshold: float = 0.5,
         mask_stride: int = 8,
         inference_padding: str = "crop",
+        tile_size: int = 0,
+        tile_overlap: int = 64,
+        tile_batch_size: int = 4,
+        tile_merge_threshold: float = 0.5,
+        reference_size: int = 0,
+        reference_parts: Sequence[str] = REFERENCE_PARTS,
     ):
         """
         Args:
@@ -91,6 +101,27 @@ class SOIT(nn.Module):
             inference_padding: "crop" (default) crops each image's padding from the mask map
                 before resizing; "official" resizes the padded map like the official release,
                 which stretches the masks of images smaller than their batch.
+            tile_size: 0 (default) predicts each image in one pass. > 0: inference cuts
+                images larger than this (pixels of the network input) into overlapping
+                tiles of this size, predicts them in batches and merges the instances
+                (``soit.modeling.tiling``; for models trained on crops of this size and
+                applied to larger images). Training and export are never tiled.
+            tile_overlap: minimal overlap of neighbouring tiles in pixels; at least the
+                largest object's size, so that every object is whole in some tile.
+            tile_batch_size: tiles per forward pass.
+            tile_merge_threshold: intersection over the smaller mask above which two
+                detections of different tiles are one object.
+            reference_size: 0 (default, the paper): the encodings, proposal sizes and box
+                deltas work in fractions of each image's size. > 0 (pixels): they work in
+                units of this size instead (each image's valid size / reference_size
+                rescales them), so that an object of a given size in pixels looks the same
+                to the model on any image size. A model trained on inputs of exactly this
+                size is unchanged by it. See ``docs/scale.md``.
+            reference_parts: which parts ``reference_size`` rescales, any of
+                :data:`REFERENCE_PARTS`: "position" (encoder sine encoding), "proposals"
+                (two-stage proposal sizes), "queries" (box embedding of the two-stage
+                queries), "deltas" (centre deltas of proposals and refinement), "mask"
+                (the mask head's relative encoding). All by default.
         """
         super().__init__()
         if inference_padding not in ("crop", "official"):
@@ -113,6 +144,23 @@ class SOIT(nn.Module):
         self.mask_threshold = mask_threshold
         self.mask_stride = mask_stride
         self.inference_padding = inference_padding
+        if tile_size < 0 or (tile_size and not 0 <= tile_overlap < tile_size):
+            raise ValueError(
+                f"tile_size must be >= 0 and tile_overlap in [0, tile_size), got tile_size={tile_size}, "
+                f"tile_overlap={tile_overlap}"
+            )
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.tile_batch_size = tile_batch_size
+        self.tile_merge_threshold = tile_merge_threshold
+        unknown = sorted(set(reference_parts) - set(REFERENCE_PARTS))
+        if reference_size < 0 or unknown:
+            raise ValueError(
+                f"reference_size must be >= 0 and reference_parts a subset of {REFERENCE_PARTS}; got "
+                f"reference_size={reference_size}, unknown parts {unknown}"
+            )
+        self.reference_size = reference_size
+        self.reference_parts = tuple(reference_parts)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -200,6 +248,8 @@ class SOIT(nn.Module):
                 part is what deployment traces (TracingAdapter): no Python numbers depend on
                 the input size, so an exported graph runs at any size.
         """
+        if self.tile_size and do_postprocess and not torch.jit.is_tracing():
+            return self.tiled_inference(batched_inputs)
         images, padding = self.preprocess_image(batched_inputs)
         outputs, mask_inputs = self.forward_heads(images.tensor, padding)
         results = self.select_detections(outputs, mask_inputs)
@@ -210,6 +260,56 @@ class SOIT(nn.Module):
             output_size = (x.get("height", size[0]), x.get("width", size[1]))
             processed.append({"instances": self.postprocess(res, size, output_size)})
         return processed
+
+    def tiled_inference(self, batched_inputs: List[Dict]):
+        """:meth:`inference` with ``tile_size`` set: each image larger than a tile is
+        predicted tile by tile (see ``soit.modeling.tiling``); smaller ones in one pass."""
+        processed = []
+        for x in batched_inputs:
+            h, w = x["image"].shape[-2:]
+            if h <= self.tile_size and w <= self.tile_size:
+                processed.extend(self._untiled(x))
+                continue
+            merged = tiled_predict(
+                x["image"].to(self.device),
+                self._predict_tiles,
+                tile_size=self.tile_size,
+                overlap=self.tile_overlap,
+                batch_size=self.tile_batch_size,
+                merge_threshold=self.tile_merge_threshold,
+                max_detections=self.max_detections,
+            )
+            height, width = x.get("height", h), x.get("width", w)
+            inst = Instances((height, width))
+            boxes = Boxes(merged["boxes"])
+            boxes.scale(width / w, height / h)
+            inst.pred_boxes = boxes
+            inst.scores = merged["scores"]
+            inst.pred_classes = merged["labels"]
+            inst.pred_masks = paste_masks(merged["masks"], (height, width))
+            processed.append({"instances": inst})
+        return processed
+
+    def _untiled(self, x: Dict):
+        images, padding = self.preprocess_image([x])
+        outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+        (res,) = self.select_detections(outputs, mask_inputs)
+        size = images.image_sizes[0]
+        return [{"instances": self.postprocess(res, size, (x.get("height", size[0]), x.get("width", size[1])))}]
+
+    def _predict_tiles(self, tiles: torch.Tensor) -> List[TileDetections]:
+        """(n, C, th, tw) raw tiles (input format, 0-255) -> their detections, tile pixels."""
+        images = (tiles.to(torch.float32) - self.pixel_mean) / self.pixel_std
+        padding = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        outputs, mask_inputs = self.forward_heads(images, padding)
+        size = tuple(images.shape[-2:])
+        detections = []
+        for res in self.select_detections(outputs, mask_inputs):
+            inst = self.instances_at_input_size(res, size)
+            detections.append(
+                TileDetections(inst.scores, inst.pred_classes, inst.pred_boxes.tensor, inst.pred_masks > self.mask_threshold)
+            )
+        return detections
 
     def forward_heads(self, images: torch.Tensor, padding: torch.Tensor):
         """Everything from pixels to per-layer predictions (no detectron2 structures).
@@ -227,17 +327,17 @@ class SOIT(nn.Module):
         features = self.backbone(images)
         feats = self.neck([features[f] for f in self.in_features])
         masks = [F.interpolate(padding[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
-        out = self.transformer(feats, masks, self.cls_branches, self.reg_branches)
+        scale = self.coordinate_scale(padding)
+        out = self.transformer(
+            feats, masks, self.cls_branches, self.reg_branches, coordinate_scale=scale, scale_parts=self.reference_parts
+        )
 
         hs = out["hs"]  # (Ld, B, Q, C)
+        centre_scale = scale[:, None] if scale is not None and "deltas" in self.reference_parts else None
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
             ref = inverse_sigmoid(out["inter_references"][lvl])
-            delta = self.reg_branches[lvl](hs[lvl])
-            if ref.shape[-1] == 4:
-                box = delta + ref
-            else:
-                box = torch.cat([delta[..., :2] + ref, delta[..., 2:]], dim=-1)
+            box = apply_box_delta(ref, self.reg_branches[lvl](hs[lvl]), centre_scale)
             logits.append(self.cls_branches[lvl](hs[lvl]))
             boxes.append(box.sigmoid())
         outputs = {
@@ -249,7 +349,17 @@ class SOIT(nn.Module):
         }
         # the mask encoder reads the P3 (finest) part of the memory
         mask_feats = self.mask_encoder(out["memory"], out["pos"], masks[0], out["valid_ratios"])
-        return outputs, {"mask_feats": mask_feats, "mask_padding": masks[0]}
+        mask_inputs = {"mask_feats": mask_feats, "mask_padding": masks[0]}
+        if scale is not None and "mask" in self.reference_parts:
+            mask_inputs["coordinate_scale"] = scale
+        return outputs, mask_inputs
+
+    def coordinate_scale(self, padding: torch.Tensor):
+        """(B, 2) (x, y) valid size of each image over ``reference_size``, or None when off."""
+        if not self.reference_size:
+            return None
+        valid = torch.stack([(~padding[:, 0, :]).sum(1), (~padding[:, :, 0]).sum(1)], -1)
+        return valid.to(torch.float32) / self.reference_size
 
     # -------------------------------------------------------------- inference
     def select_detections(self, outputs, mask_inputs):
@@ -271,8 +381,9 @@ class SOIT(nn.Module):
         dyn = dyn.gather(1, queries[..., None].expand(-1, -1, dyn.shape[-1]))
         batch_index = torch.arange(B, device=logits.device).repeat_interleave(k)
         mask_logits = self.mask_head(
-            mask_inputs["mask_feats"], mask_inputs["mask_padding"], dyn.flatten(0, 1), boxes[..., :2].flatten(0, 1), batch_index
-        )
+            mask_inputs["mask_feats"], mask_inputs["mask_padding"], dyn.flatten(0, 1), boxes[..., :2].flatten(0, 1),
+            batch_index, mask_inputs.get("coordinate_scale"),
+        )  # fmt: skip
         mask_logits = mask_logits.view(B, k, *mask_logits.shape[-2:])
         return [
             {"scores": scores[i], "labels": labels[i], "queries": queries[i], "boxes": boxes[i], "mask_logits": mask_logits[i]}
