@@ -54,6 +54,7 @@ def sine_position_encoding(
     scale: float = 2 * math.pi,
     offset: float = -0.5,
     eps: float = 1e-6,
+    coordinate_scale: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
     """2-D sine position encoding of a padded feature map (spec section 2).
 
@@ -64,6 +65,9 @@ def sine_position_encoding(
 
     Args:
         padding_mask: (N, H, W) bool, True at padding.
+        coordinate_scale: None, or (N, 2) (x, y) factors applied to the normalized
+            coordinates (``SOIT(reference_size=...)``: valid size over the reference size,
+            so that a pixel gets the same coordinate whatever the image size).
 
     Returns:
         (N, 2 * num_feats, H, W) float32: the num_feats y features, then the num_feats
@@ -77,6 +81,9 @@ def sine_position_encoding(
         # (negative), which is the reference behaviour; padded tokens are masked downstream.
         y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
         x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
+    if coordinate_scale is not None:
+        y_embed = y_embed * coordinate_scale[:, 1, None, None]
+        x_embed = x_embed * coordinate_scale[:, 0, None, None]
     pos = sine_embedding(torch.stack((y_embed, x_embed), dim=-1), num_feats, temperature)
     return pos.permute(0, 3, 1, 2)
 

@@ -6,7 +6,26 @@ Boxes are (..., 4) tensors, either (cx, cy, w, h) or (x0, y0, x1, y1), in any co
 
 import torch
 
-__all__ = ["box_cxcywh_to_xyxy", "box_iou", "box_xyxy_to_cxcywh", "generalized_box_iou"]
+__all__ = ["apply_box_delta", "box_cxcywh_to_xyxy", "box_iou", "box_xyxy_to_cxcywh", "generalized_box_iou"]
+
+
+def apply_box_delta(reference_logit, delta, centre_scale=None):
+    """A box branch's delta added to a reference in inverse-sigmoid space (Deformable DETR's
+    refinement), returned in inverse-sigmoid space (apply ``sigmoid`` for the box).
+
+    Args:
+        reference_logit: (..., 4) box or (..., 2) point, inverse sigmoid of (cx, cy[, w, h]).
+            A point gets the delta on its centre and the delta's (w, h) as its size.
+        delta: (..., 4) the branch's output.
+        centre_scale: None, or a tensor broadcastable to (..., 2): the centre deltas are
+            divided by it (``SOIT(reference_size=...)``: the image's valid size over the
+            reference size, so that a delta moves a centre by the same number of pixels
+            whatever the image size).
+    """
+    centre = delta[..., :2] if centre_scale is None else delta[..., :2] / centre_scale
+    if reference_logit.shape[-1] == 4:
+        return torch.cat([centre + reference_logit[..., :2], delta[..., 2:] + reference_logit[..., 2:]], -1)
+    return torch.cat([centre + reference_logit, delta[..., 2:]], -1)
 
 
 def box_cxcywh_to_xyxy(boxes):

@@ -231,7 +231,9 @@ class SetCriterion(nn.Module):
             anchor = 0.0 * (dyn[list(layers)].sum() + feats.sum())
             return zeros + anchor, zeros + anchor
 
-        logits = self.mask_head(feats, padding, torch.cat(params), torch.cat(centers), img_idx)
+        scale = mask_inputs.get("coordinate_scale")
+        extra = {} if scale is None else {"coordinate_scale": scale}
+        logits = self.mask_head(feats, padding, torch.cat(params), torch.cat(centers), img_idx, **extra)
         probs = aligned_bilinear(logits[:, None].float(), self.mask_upsample)[:, 0].sigmoid()
         gt = F.interpolate(torch.cat(resized)[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
         valid = mask_valid_pixels(padding, size)
@@ -256,7 +258,8 @@ class SetCriterion(nn.Module):
                 normalized by the image's valid (w, h), "masks" (n, H_pad, W_pad) float or
                 bool, zero-padded to the padded batch image size (needed with mask losses).
             mask_inputs: dict with "mask_feats" (B, C, h, w) F_mask at stride 8 and
-                "mask_padding" (B, h, w) bool (True = padding); needed with mask losses.
+                "mask_padding" (B, h, w) bool (True = padding); needed with mask losses;
+                optionally "coordinate_scale" (B, 2) for the mask head's encoding.
 
         Returns:
             dict of weighted scalar losses: "loss_cls", "loss_bbox", "loss_giou",

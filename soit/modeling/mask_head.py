@@ -82,8 +82,9 @@ def normalized_valid_coordinates(mask_padding, eps=1e-6):
 
 
 def sine_position_encoding(
-    mask_padding, centers=None, batch_index=None, *, num_feats=4, temperature=10000.0, scale=2 * math.pi, eps=1e-6
-):
+    mask_padding, centers=None, batch_index=None, *, num_feats=4, temperature=10000.0, scale=2 * math.pi, eps=1e-6,
+    coordinate_scale=None,
+):  # fmt: skip
     """2-D sine encoding of the mask features, absolute or relative to instance centres.
 
     Relative (SOIT eq. 4): the normalized coordinate minus the instance's box centre, times
@@ -96,6 +97,8 @@ def sine_position_encoding(
         centers: None (absolute) or (n, 2) (cx, cy) in [0, 1] of each image's valid region.
         batch_index: (n,) long, image of each centre; required with ``centers``.
         num_feats: features per axis; must be even (sin/cos pairs).
+        coordinate_scale: None, or (B, 2) (x, y) factors multiplying the (relative)
+            normalized coordinates of each image (``SOIT(reference_size=...)``).
 
     Returns:
         (B, 2*num_feats, h, w) without centres, (n, 2*num_feats, h, w) with them.
@@ -107,9 +110,17 @@ def sine_position_encoding(
         if batch_index is None:
             raise ValueError("sine_position_encoding: batch_index is required together with centers")
         centers = centers.to(torch.float32)
-        y = (y[batch_index] - centers[:, 1, None, None]) * scale
-        x = (x[batch_index] - centers[:, 0, None, None]) * scale
+        y = y[batch_index] - centers[:, 1, None, None]
+        x = x[batch_index] - centers[:, 0, None, None]
+        if coordinate_scale is not None:
+            y = y * coordinate_scale[batch_index, 1, None, None]
+            x = x * coordinate_scale[batch_index, 0, None, None]
+        y = y * scale
+        x = x * scale
     else:
+        if coordinate_scale is not None:
+            y = y * coordinate_scale[:, 1, None, None]
+            x = x * coordinate_scale[:, 0, None, None]
         y = y * scale
         x = x * scale
     idx = torch.arange(num_feats, dtype=torch.float32, device=mask_padding.device)
@@ -213,16 +224,17 @@ class InstanceAwareMaskHead(nn.Module):
             "out_bias": pb[:, 0],
         }
 
-    def position_encoding(self, mask_padding, centers, batch_index):
+    def position_encoding(self, mask_padding, centers, batch_index, coordinate_scale=None):
         """(n, C, h, w) encoding per instance, or None for ``pos_encoding="none"``."""
         if self.pos_encoding == "none":
             return None
         kwargs = {"num_feats": self.mask_channels // 2, "temperature": self.temperature}
+        kwargs["coordinate_scale"] = coordinate_scale
         if self.pos_encoding == "absolute":
             return sine_position_encoding(mask_padding, **kwargs)[batch_index]
         return sine_position_encoding(mask_padding, centers.detach(), batch_index, **kwargs)
 
-    def forward(self, mask_feats, mask_padding, dyn_params, centers, batch_index):
+    def forward(self, mask_feats, mask_padding, dyn_params, centers, batch_index, coordinate_scale=None):
         """Mask logits of n instances, all in one batched call.
 
         Args:
@@ -233,6 +245,8 @@ class InstanceAwareMaskHead(nn.Module):
                 detached here (the mask loss must not move the boxes). Ignored unless
                 ``pos_encoding="relative"`` (may then be None).
             batch_index: (n,) long, image of each instance.
+            coordinate_scale: None, or (B, 2) (x, y) factors of each image's position
+                encoding (``SOIT(reference_size=...)``).
 
         Returns:
             (n, h, w) mask logits at stride 8 (upsample with :func:`aligned_bilinear`).
@@ -252,7 +266,7 @@ class InstanceAwareMaskHead(nn.Module):
 
         # the query keeps F_mask in the padding, as the released model does
         z = mask_feats[batch_index]
-        pe = self.position_encoding(mask_padding, centers, batch_index)
+        pe = self.position_encoding(mask_padding, centers, batch_index, coordinate_scale)
         if pe is not None:
             z = z + pe.to(z.dtype)
         z = z.flatten(2).transpose(1, 2)  # (n, hw, C)

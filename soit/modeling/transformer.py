@@ -17,6 +17,8 @@ from torch import nn
 from soit.layers import MSDeformAttn
 from soit.layers.position_encoding import box_sine_embedding, inverse_sigmoid, sine_position_encoding
 
+from .box_ops import apply_box_delta
+
 __all__ = [
     "DeformableEncoderLayer",
     "DeformableEncoder",
@@ -178,7 +180,7 @@ class DeformableDecoder(nn.Module):
 
     def forward(
         self, query, query_pos, reference, memory, spatial_shapes, level_start_index, valid_ratios,
-        memory_padding_mask=None, reg_branches: Optional[Sequence[nn.Module]] = None,
+        memory_padding_mask=None, reg_branches: Optional[Sequence[nn.Module]] = None, centre_scale=None,
     ):  # fmt: skip
         """
         Args:
@@ -191,6 +193,8 @@ class DeformableDecoder(nn.Module):
                 (C -> 4) predicts a delta added to the reference in inverse-sigmoid space
                 (to cx, cy only for a point reference, whose result is then a box); the new
                 reference is detached before the next layer.
+            centre_scale: None or (N, 1, 2): centre deltas are divided by it (see
+                :func:`~soit.modeling.box_ops.apply_box_delta`).
 
         Returns:
             hs: (num_layers, N, Q, C) the output of every layer.
@@ -210,11 +214,7 @@ class DeformableDecoder(nn.Module):
             query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask)
             hs.append(query)
             if reg_branches is not None:
-                delta = reg_branches[lid](query)
-                if reference.shape[-1] == 4:
-                    new_reference = delta + inverse_sigmoid(reference)
-                else:
-                    new_reference = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1)
+                new_reference = apply_box_delta(inverse_sigmoid(reference), reg_branches[lid](query), centre_scale)
                 # Each layer refines the previous layer's boxes, but gradients do not flow
                 # back through the chain of references (Deformable DETR's refinement).
                 reference = new_reference.sigmoid().detach()
@@ -298,13 +298,15 @@ class DeformableTransformer(nn.Module):
             nn.init.normal_(self.query_embedding.weight)
             nn.init.zeros_(self.reference_points.bias)
 
-    def gen_encoder_proposals(self, memory, masks, memory_padding_mask):
+    def gen_encoder_proposals(self, memory, masks, memory_padding_mask, size_scale=None):
         """One proposal box per encoder token (spec section 2, two-stage).
 
         Args:
             memory: (N, S, C).
             masks: L tensors (N, H_l, W_l) bool, True = pad.
             memory_padding_mask: (N, S) bool, the masks flattened.
+            size_scale: None or (N, 2): the proposal sizes are divided by it, per axis
+                (``SOIT(reference_size=...)``: the same size in pixels at any image size).
 
         Returns:
             output_memory: (N, S, C) memory with invalid tokens zeroed, through
@@ -324,6 +326,8 @@ class DeformableTransformer(nn.Module):
             scale = torch.stack([valid_w, valid_h], -1).view(-1, 1, 1, 2)
             centre = (grid[None] + 0.5) / scale  # (N, h, w, 2)
             wh = torch.full_like(centre, self.proposal_size * 2.0**lvl)
+            if size_scale is not None:
+                wh = wh / size_scale.view(-1, 1, 1, 2)
             proposals.append(torch.cat((centre, wh), -1).flatten(1, 2))
         proposals = torch.cat(proposals, 1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
@@ -339,6 +343,8 @@ class DeformableTransformer(nn.Module):
         masks: Sequence[torch.Tensor],
         cls_branches: Optional[Sequence[nn.Module]] = None,
         reg_branches: Optional[Sequence[nn.Module]] = None,
+        coordinate_scale: Optional[torch.Tensor] = None,
+        scale_parts: Sequence[str] = (),
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -352,6 +358,13 @@ class DeformableTransformer(nn.Module):
                 num_decoder_layers refines the proposals (two-stage), the first
                 num_decoder_layers move the references (``box_refine``). Single-stage needs
                 only the first num_decoder_layers, and without ``box_refine`` none.
+            coordinate_scale: None, or (N, 2) (x, y): each image's valid size over a
+                reference size (``SOIT(reference_size=...)``). Applied to the parts named in
+                ``scale_parts``: "position" (encoder sine encoding), "proposals" (proposal
+                sizes), "queries" (the box embedding of the two-stage queries), "deltas"
+                (centre deltas of the proposals and of the refinement). With it, these see
+                pixel distances in units of the reference size instead of fractions of the
+                image; for an image of the reference size nothing changes.
 
         Returns:
             A dict of tensors:
@@ -390,9 +403,15 @@ class DeformableTransformer(nn.Module):
                 f"{None if cls_branches is None else len(cls_branches)}"
             )
 
+        def scale_for(part):
+            return coordinate_scale if coordinate_scale is not None and part in scale_parts else None
+
+        centre_scale = None if scale_for("deltas") is None else coordinate_scale[:, None]
         src_flat, pos_flat, mask_flat = [], [], []
         for lvl, (feat, mask) in enumerate(zip(features, masks)):
-            pos = sine_position_encoding(mask, self.embed_dim // 2, self.pos_temperature).to(feat.dtype)
+            pos = sine_position_encoding(
+                mask, self.embed_dim // 2, self.pos_temperature, coordinate_scale=scale_for("position")
+            ).to(feat.dtype)
             src_flat.append(feat.flatten(2).transpose(1, 2))
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1))
             mask_flat.append(mask.flatten(1))
@@ -409,9 +428,9 @@ class DeformableTransformer(nn.Module):
         out = {}
         n, _, c = memory.shape
         if self.two_stage:
-            output_memory, proposals = self.gen_encoder_proposals(memory, masks, mask_flat)
+            output_memory, proposals = self.gen_encoder_proposals(memory, masks, mask_flat, scale_for("proposals"))
             enc_class = cls_branches[num_dec](output_memory)
-            enc_coord_unact = reg_branches[num_dec](output_memory) + proposals
+            enc_coord_unact = apply_box_delta(proposals, reg_branches[num_dec](output_memory), centre_scale)
             if not torch.jit.is_tracing() and enc_class.shape[1] < self.num_queries:
                 raise ValueError(
                     f"{enc_class.shape[1]} encoder tokens cannot give {self.num_queries} proposals; "
@@ -421,8 +440,11 @@ class DeformableTransformer(nn.Module):
             # the selected boxes are the decoder's starting point, not trained through it
             topk_unact = torch.gather(enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference = topk_unact.sigmoid()
+            embedded = reference
+            if scale_for("queries") is not None:
+                embedded = reference * coordinate_scale.repeat(1, 2)[:, None]
             pos_trans = self.pos_trans_norm(
-                self.pos_trans(box_sine_embedding(reference, c // 2, self.pos_temperature))
+                self.pos_trans(box_sine_embedding(embedded, c // 2, self.pos_temperature))
             )
             query_pos, query = torch.split(pos_trans, c, dim=2)
             out["enc_outputs_class"] = enc_class
@@ -435,7 +457,7 @@ class DeformableTransformer(nn.Module):
 
         hs, references = self.decoder(
             query, query_pos, reference, memory, spatial_shapes, level_start_index, valid_ratios, mask_flat,
-            reg_branches=reg_branches if self.box_refine else None,
+            reg_branches=reg_branches if self.box_refine else None, centre_scale=centre_scale,
         )  # fmt: skip
         out.update(
             hs=hs,
