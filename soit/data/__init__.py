@@ -1,6 +1,15 @@
-"""Data: the dataset mapper with the DETR augmentation, and the nuclei quick-start dataset."""
-from .augmentation import RandomRotation90, Rot90Transform, detr_augmentations, detr_test_augmentation
+"""Data: the dataset mapper with the DETR augmentation, and the small real datasets (nuclei
+for the quick start, HeLa nuclei)."""
+from .augmentation import (
+    RandomRescale,
+    RandomRotation90,
+    Rot90Transform,
+    ScaleBy,
+    detr_augmentations,
+    detr_test_augmentation,
+)
 from .dataset_mapper import SOITDatasetMapper, decode_segmentation, mask_to_box, read_image_8bit
+from .hela import prepare_hela, register_hela
 from .nuclei import prepare_nuclei, register_nuclei
 
 __all__ = [
@@ -8,10 +17,14 @@ __all__ = [
     "detr_augmentations",
     "detr_test_augmentation",
     "RandomRotation90",
+    "RandomRescale",
+    "ScaleBy",
     "Rot90Transform",
     "read_image_8bit",
     "decode_segmentation",
     "mask_to_box",
     "prepare_nuclei",
     "register_nuclei",
+    "prepare_hela",
+    "register_hela",
 ]

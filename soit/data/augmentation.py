@@ -11,6 +11,8 @@ from detectron2.data import transforms as T
 __all__ = [
     "Rot90Transform",
     "RandomRotation90",
+    "ScaleBy",
+    "RandomRescale",
     "detr_augmentations",
     "detr_test_augmentation",
 ]
@@ -90,6 +92,55 @@ class RandomRotation90(T.Augmentation):
         if k == 0:
             return T.NoOpTransform()
         return Rot90Transform(image.shape[0], image.shape[1], k)
+
+
+class ScaleBy(T.Augmentation):
+    """Resize by a fixed factor (both sides, rounded to whole pixels), e.g. to evaluate a
+    model on a test set shown at 0.5x or 2x its size."""
+
+    def __init__(self, factor: float):
+        """
+        Args:
+            factor: the size multiplier (> 0).
+        """
+        super().__init__()
+        if not factor > 0:
+            raise ValueError(f"ScaleBy needs a positive factor, got {factor!r}")
+        self.factor = float(factor)
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        h, w = image.shape[:2]
+        new_h, new_w = max(1, round(h * self.factor)), max(1, round(w * self.factor))
+        if (new_h, new_w) == (h, w):
+            return T.NoOpTransform()
+        return T.ResizeTransform(h, w, new_h, new_w)
+
+
+class RandomRescale(T.Augmentation):
+    """Resize each image by a random factor from [min_scale, max_scale] (relative to its own
+    size), e.g. before a fixed-size crop, so that a model trained on crops sees the objects
+    at every size of that range (multi-scale training for small data; docs/scale.md)."""
+
+    def __init__(self, min_scale: float, max_scale: float, distribution: str = "uniform"):
+        """
+        Args:
+            min_scale, max_scale: the range of the size multiplier (0 < min <= max).
+            distribution: "uniform" in the factor, or "log-uniform" (as many draws shrink
+                as enlarge, e.g. half of them below 1 for 0.5..2).
+        """
+        super().__init__()
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"RandomRescale needs 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        if distribution not in ("uniform", "log-uniform"):
+            raise ValueError(f"RandomRescale distribution must be 'uniform' or 'log-uniform', got {distribution!r}")
+        self.min_scale, self.max_scale, self.distribution = float(min_scale), float(max_scale), distribution
+
+    def get_transform(self, image: np.ndarray) -> T.Transform:
+        if self.distribution == "uniform":
+            factor = np.random.uniform(self.min_scale, self.max_scale)
+        else:
+            factor = np.exp(np.random.uniform(np.log(self.min_scale), np.log(self.max_scale)))
+        return ScaleBy(float(factor)).get_transform(image)
 
 
 def detr_augmentations(
