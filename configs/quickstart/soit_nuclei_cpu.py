@@ -29,6 +29,11 @@ model.transformer.num_queries = 100  # up to ~40 nuclei per tile
 model.max_detections = 100
 model.transformer.dropout = 0.0  # a short run on little data: dropout only slows convergence
 model.mask_encoder.dropout = 0.0
+# Trained on 256 x 256 crops, SOIT predicts the 512 x 512 tile as overlapping 256 x 256 tiles:
+# its positions are fractions of the input, so other input sizes put the objects at the wrong
+# normalised scale (docs/scale.md). tile_size=0 predicts the tile in one pass.
+model.tile_size = 256
+model.tile_overlap = 64  # >= the largest nucleus (~60 px), so each is whole in some tile
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
