@@ -160,3 +160,17 @@ def test_config_object_resize_and_random_weights_warning(image, log):
     assert seen == [(3, 96, 134)]
     assert out.image_size == (300, 420) and out.pred_masks.shape[1:] == (300, 420)
     assert (out.pred_boxes.tensor[:, 2:] <= torch.tensor([420, 300])).all()
+
+
+def test_tiled_inference_through_an_override(weights, image):
+    # the quick-start config tiles at 256; the override makes tiles of 160 with 32 overlap
+    tiled = Predictor(QUICKSTART, checkpoint=weights[0], overrides=OVERRIDES + ["model.tile_size=160", "model.tile_overlap=32"])
+    assert (tiled.model.tile_size, tiled.model.tile_overlap) == (160, 32)
+    instances = tiled(image)
+    assert instances.image_size == image.shape[:2]
+    assert instances.pred_masks.shape[1:] == image.shape[:2] and instances.pred_masks.dtype == torch.bool
+    assert 0 < len(instances) <= 10
+    # one tile larger than the image: the one-pass result
+    one_pass = Predictor(QUICKSTART, checkpoint=weights[0], overrides=OVERRIDES + ["model.tile_size=0"])(image)
+    large = Predictor(QUICKSTART, checkpoint=weights[0], overrides=OVERRIDES + ["model.tile_size=512"])(image)
+    assert_same(one_pass, large)
