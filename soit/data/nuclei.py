@@ -16,18 +16,15 @@ checks the two files against the checksums below, and writes a COCO dataset:
   nearest for the labels) because nuclei (median ~440 px) are small next to the model's
   stride-8 mask features.
 """
-import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
-import zipfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-import pycocotools.mask as mask_util
 from PIL import Image
+
+from .packaged import download_wheel, labels_to_coco, read_checked_members
 
 __all__ = ["prepare_nuclei", "register_nuclei", "STARDIST_VERSION", "NUCLEI_SHA256", "QUADRANTS", "VAL_QUADRANT"]
 
@@ -53,45 +50,15 @@ _FALLBACK_PLATFORM = ["--platform", "manylinux_2_28_x86_64", "--python-version",
 
 def _download_wheel(cache_dir: str, version: str = STARDIST_VERSION) -> str:
     """Path of the stardist wheel in ``cache_dir``, downloading it with pip if needed."""
-    prefix = f"stardist-{version}-"
-    os.makedirs(cache_dir, exist_ok=True)
-
-    def cached():
-        wheels = sorted(f for f in os.listdir(cache_dir) if f.startswith(prefix) and f.endswith(".whl"))
-        return os.path.join(cache_dir, wheels[0]) if wheels else None
-
-    if cached():
-        return cached()
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            f"stardist=={version}", "-d", cache_dir]
-    errors = []
-    for extra in ([], _FALLBACK_PLATFORM):
-        proc = subprocess.run(base + extra, capture_output=True, text=True)
-        if proc.returncode == 0 and cached():
-            return cached()
-        errors.append(f"$ {' '.join(base + extra)}\n{proc.stderr.strip()[-2000:]}")
-    raise RuntimeError(
-        f"could not download the stardist=={version} wheel (it carries the nuclei images) into {cache_dir}; "
-        "this needs access to PyPI (or put the wheel in that folder yourself). pip said:\n" + "\n".join(errors)
-    )
+    return download_wheel("stardist", version, cache_dir, "the nuclei images", fallbacks=[_FALLBACK_PLATFORM])
 
 
 def _read_checked(wheel: str, expected_sha256: Dict[str, str]) -> Dict[str, np.ndarray]:
     """Read the image and label tifs from the wheel after checking their SHA-256."""
     import tifffile  # only needed here, not to import soit.data
 
-    arrays = {}
-    with zipfile.ZipFile(wheel) as archive:
-        for member, expected in expected_sha256.items():
-            data = archive.read(member)
-            found = hashlib.sha256(data).hexdigest()
-            if found != expected:
-                raise RuntimeError(
-                    f"SHA-256 mismatch for {member} in {wheel}: expected {expected}, found {found}. The file differs "
-                    f"from the stardist=={STARDIST_VERSION} release this dataset is defined on; delete the wheel so "
-                    "that it is downloaded again, and check that your package index serves the official release."
-                )
-            arrays[member] = tifffile.imread(io.BytesIO(data))
+    members = read_checked_members(wheel, expected_sha256, f"stardist=={STARDIST_VERSION}")
+    arrays = {member: tifffile.imread(io.BytesIO(data)) for member, data in members.items()}
     for member, array in arrays.items():
         if array.shape != (2 * TILE, 2 * TILE):
             raise RuntimeError(f"{member}: expected a {2 * TILE} x {2 * TILE} array, found shape {array.shape}")
@@ -102,31 +69,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     """Percentile stretch of the whole image to float 0..255 (see the module docstring)."""
     low, high = np.percentile(image, PERCENTILES)
     return np.clip((image.astype(np.float64) - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
-
-
-def _tile_to_coco(image: np.ndarray, labels: np.ndarray, scale: int, image_id: int, file_name: str, next_ann_id: int):
-    """Upscale one tile; returns (uint8 RGB image, COCO image entry, annotations)."""
-    size = TILE * scale
-    resized = Image.fromarray(image.astype(np.float32)).resize((size, size), Image.BILINEAR)
-    gray = np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[:, :, None], 3, axis=2)
-    # Integer nearest-neighbour upscaling keeps the labels exact.
-    labels = np.repeat(np.repeat(labels, scale, axis=0), scale, axis=1)
-    annotations = []
-    for label in np.unique(labels[labels > 0]):
-        mask = np.asfortranarray(labels == label, dtype=np.uint8)
-        rle = mask_util.encode(mask)
-        annotations.append({
-            "id": next_ann_id + len(annotations),
-            "image_id": image_id,
-            "category_id": 1,
-            "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-            "bbox": [float(v) for v in mask_util.toBbox(rle)],
-            "area": int(mask.sum()),
-            "iscrowd": 0,
-        })
-    entry = {"id": image_id, "file_name": file_name, "height": size, "width": size}
-    return rgb, entry, annotations
 
 
 def _outputs(root: str) -> Dict[str, str]:
@@ -191,7 +133,7 @@ def prepare_nuclei(
     for image_id, (name, (row, col)) in enumerate(QUADRANTS.items(), start=1):
         window = (slice(row * TILE, (row + 1) * TILE), slice(col * TILE, (col + 1) * TILE))
         split = splits["val" if name == VAL_QUADRANT else "train"]
-        rgb, entry, anns = _tile_to_coco(
+        rgb, entry, anns = labels_to_coco(
             image[window], labels[window], scale, image_id, f"{name}.png", len(split["annotations"]) + 1
         )
         Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))

