@@ -13,17 +13,20 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
-from detectron2.data import MetadataCatalog
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
+from soit.checkpoint.safe_load import SafeCheckpointer, load_config
+from soit.data.check import check_registered_dataset
+from soit.data.metadata import dataset_metadata
 from soit.data.samplers import ResumableTrainingSampler
 from soit.engine import ModelEMA, RNGState, SOITTrainer, launch
+from soit.engine.overrides import apply_overrides
 
 logger = logging.getLogger("soit")
 
@@ -54,21 +57,25 @@ def build_train_loader(cfg, start_iter):
 
 
 def check_dataset(cfg, names):
-    """The model's classes and input format must be the dataset's (metadata is complete once
-    the dataset dicts are loaded)."""
+    """The model's classes and input format must be the dataset's (class names read from the
+    dataset's JSON when it has not been loaded yet)."""
     fmt = cfg.dataloader.train.mapper.get("image_format")
     if fmt is not None and fmt != cfg.model.input_format:
         raise ValueError(
             f"dataloader.train.mapper.image_format={fmt!r} but model.input_format={cfg.model.input_format!r}: "
             "the model would see the channels in the wrong order; set both to the same value"
         )
-    for name in [names] if isinstance(names, str) else list(names or []):
-        classes = MetadataCatalog.get(name).get("thing_classes")
+    for name in _names(names):
+        classes = dataset_metadata(name).get("thing_classes")
         if classes is not None and len(classes) != cfg.model.num_classes:
             raise ValueError(
                 f"dataset {name!r} has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
                 f"add the override model.num_classes={len(classes)}"
             )
+
+
+def _names(names):
+    return [names] if isinstance(names, str) else list(names or [])
 
 
 def check_output_dir(cfg, resume):
@@ -78,6 +85,24 @@ def check_output_dir(cfg, resume):
             f"{cfg.train.output_dir} already holds a training run (last_checkpoint). Pass --resume to continue it, "
             "or choose another train.output_dir=..., or delete the folder."
         )
+
+
+def resume_iteration(path):
+    """The iteration after the one saved in ``path``; a damaged file is named with the others
+    in its folder that --resume could use instead."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        folder = os.path.dirname(path)
+        others = sorted(f for f in os.listdir(folder) if f.endswith(".pth") and f != os.path.basename(path))
+        hint = (
+            f"; other checkpoints in {folder}: {', '.join(others)} (write one's name into "
+            f"{os.path.join(folder, 'last_checkpoint')} to resume from it)"
+            if others
+            else ""
+        )
+        raise SystemExit(f"--resume: the last checkpoint {path} cannot be read ({type(e).__name__}: {e}){hint}") from e
+    return saved.get("iteration", -1) + 1
 
 
 def do_train(args, cfg):
@@ -91,12 +116,13 @@ def do_train(args, cfg):
     # random states resume exactly in a single process; several ranks keep their own seeds
     # (the EMA, a hook, is saved with the trainer's state)
     checkpointables = {"rng": RNGState()} if comm.get_world_size() == 1 else {}
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, **checkpointables)
+    checkpointer = SafeCheckpointer(
+        model, cfg.train.output_dir, trust_pickle=getattr(args, "trust_pickle", False), **checkpointables
+    )
     start_iter = 0
     if args.resume and checkpointer.has_checkpoint():
         # know where the run stopped before building the loader, so the data stream continues
-        saved = torch.load(checkpointer.get_checkpoint_file(), map_location="cpu", weights_only=True, mmap=True)
-        start_iter = saved.get("iteration", -1) + 1
+        start_iter = resume_iteration(checkpointer.get_checkpoint_file())
 
     train_loader = build_train_loader(cfg, start_iter)
     ddp = dict(cfg.train.ddp)
@@ -136,19 +162,70 @@ def do_train(args, cfg):
     return trainer
 
 
+def register_datasets(specs):
+    """``--register-coco NAME JSON IMAGE_ROOT``: ``register_coco_instances`` with the files checked."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    for name, json_file, image_root in specs:
+        if not os.path.isfile(json_file):
+            raise SystemExit(f"--register-coco {name}: the annotation file {json_file} does not exist")
+        if not os.path.isdir(image_root):
+            raise SystemExit(f"--register-coco {name}: the image folder {image_root} does not exist")
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
+                continue  # registered by an earlier call in this process
+            raise SystemExit(f"--register-coco {name}: another dataset of that name is already registered")
+        register_coco_instances(name, {}, json_file, image_root)
+
+
 def main(args):
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    register_datasets(getattr(args, "register_coco", []))
+    cfg = apply_overrides(load_config(args.config_file, getattr(args, "trust_config", False)), args.opts)
+    if not args.eval_only:  # before default_setup writes config.yaml into the run folder
+        check_output_dir(cfg, args.resume)
     default_setup(cfg, args)
+    # our warnings (skipped images, dropped annotations, dataset problems) go to the run's log.txt too
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="soit")
+    # a ground truth that would make COCO evaluation crash or lie is refused before training
+    for name in [] if args.eval_only else _names(cfg.dataloader.train.dataset.get("names")):
+        check_registered_dataset(name)
+    for name in _names(cfg.dataloader.test.dataset.get("names")) if "evaluator" in cfg.dataloader else []:
+        check_registered_dataset(name, evaluation=True)
     if args.eval_only:
+        if not cfg.train.init_checkpoint:
+            raise SystemExit("--eval-only needs the weights to evaluate: add train.init_checkpoint=<checkpoint>")
+        check_dataset(cfg, cfg.dataloader.test.dataset.get("names"))
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model, **({"device_ids": None} if cfg.train.device == "cpu" else {}))
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        trust = getattr(args, "trust_pickle", False)
+        # every weight must come from the checkpoint: a random classifier would be evaluated otherwise
+        SafeCheckpointer(model, trust_pickle=trust, complete=True).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     return do_train(args, cfg)
 
 
+def argument_parser():
+    """detectron2's parser with the opt-ins for user files that can run code."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--trust-pickle", action="store_true",
+        help="read checkpoints with full unpickling (runs any code the file holds: trusted files only)",
+    )
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME before the config is read (repeatable)",
+    )
+    parser.add_argument(
+        "--trust-config", action="store_true",
+        help="read a YAML config without refusing Python tags and unknown _target_ callables (trusted files only)",
+    )  # fmt: skip
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     launch(
         main,
         args.num_gpus,

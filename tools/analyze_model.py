@@ -88,10 +88,12 @@ def main(argv=None):
     import torch
     from detectron2.config import LazyConfig, instantiate
 
+    from soit.checkpoint.safe_load import load_config
+
     from soit.analysis import activation_count_analysis, flop_count_analysis
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)  # "never called" notes for the criterion
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.apply_overrides(load_config(args.config_file), args.opts)
     model = instantiate(cfg.model).eval()
     if "parameter" in args.tasks:
         print_parameters(model)

@@ -43,18 +43,18 @@ def main(argv=None):
 
     import onnxruntime as ort
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import LazyConfig, instantiate
 
     from soit import export
+    from soit.checkpoint.safe_load import SafeCheckpointer, load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.apply_overrides(load_config(args.config_file), args.opts)
     model = instantiate(cfg.model).eval()
     weights = cfg.get("train", {}).get("init_checkpoint", "")
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        SafeCheckpointer(model, complete=True).load(weights)
     h, w = args.input_size
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 

@@ -40,6 +40,12 @@ def get_parser():
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="draw/count scores >= this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="read the checkpoint with full unpickling (trusted files only)"
+    )
+    parser.add_argument(
+        "--trust-config", action="store_true", help="read a YAML config that names Python objects (trusted files only)"
+    )
     parser.add_argument("opts", nargs="*", help="config overrides key=value, after all other arguments")
     return parser
 
@@ -227,7 +233,10 @@ def main(argv=None) -> int:
 
     setup_logger(name="soit")
     setup_logger(name="fvcore")  # the checkpointer reports missing and unexpected weights there
-    predictor = Predictor(args.config_file, checkpoint=args.weights, device=args.device, overrides=args.opts)
+    predictor = Predictor(
+        args.config_file, checkpoint=args.weights, device=args.device, overrides=args.opts,
+        trust_pickle=args.trust_pickle, trust_config=args.trust_config,
+    )  # fmt: skip
     with logging_redirect_tqdm([logging.getLogger("soit")]):
         if args.input:
             run_images(predictor, paths, outputs, args.confidence_threshold)

@@ -65,28 +65,61 @@ def draw_predictions(cfg, model, out_dir, score_threshold=0.2):
     return paths
 
 
+# what a quick-start run writes into its folder; --overwrite removes these and nothing else
+MARKER = ".soit-quickstart"
+WRITTEN = ("config.yaml", "log.txt", "metrics.json", "eval_untrained.json", "eval_results.json", "last_checkpoint",
+           "model_*.pth", "events.out.tfevents.*", "vis", MARKER)  # fmt: skip
+
+
+def clear_previous_run(output_dir, overwrite):
+    """None when ``output_dir`` may be used (removing a previous quick start's files when
+    ``overwrite``), else the message saying why not."""
+    import fnmatch
+
+    entries = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    if not entries:
+        return None
+    if MARKER not in entries:
+        return (f"{output_dir} is not empty and was not written by the quick start ({', '.join(sorted(entries)[:5])}"
+                f"{', ...' if len(entries) > 5 else ''}); choose another --output-dir. Nothing was changed.")  # fmt: skip
+    if not overwrite:
+        return f"{output_dir} already holds a quick-start run; pass --overwrite to replace it (or --output-dir DIR)."
+    ours = [e for e in entries if any(fnmatch.fnmatch(e, pattern) for pattern in WRITTEN)]
+    for entry in ours:
+        path = os.path.join(output_dir, entry)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    kept = sorted(set(entries) - set(ours))
+    if kept:
+        print(f"[quickstart] --overwrite removed the previous run's files; kept files it did not write: {kept}")
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
-        if not args.overwrite:
-            print(f"{args.output_dir} already holds a quick-start run; pass --overwrite to replace it "
-                  "(or --output-dir DIR for a new one).")
-            return 2
-        shutil.rmtree(args.output_dir)
+    refused = clear_previous_run(args.output_dir, args.overwrite)
+    if refused:
+        print(refused)
+        return 2
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, MARKER), "w") as f:
+        f.write("written by tools/quickstart.py; --overwrite removes only the files it writes\n")
 
     from detectron2.config import LazyConfig, instantiate
     from detectron2.engine import default_argument_parser, default_setup
+    from detectron2.utils.logger import setup_logger
 
     import train_net
     from soit.data.nuclei import prepare_nuclei, register_nuclei
+    from soit.engine.overrides import apply_overrides
 
     prepare_nuclei(args.data_root)
     register_nuclei(args.data_root)
 
     cfg = LazyConfig.load(CONFIG)
-    cfg = LazyConfig.apply_overrides(cfg, [f"train.output_dir={args.output_dir}"] + list(args.opts))
+    cfg = apply_overrides(cfg, [f"train.output_dir={args.output_dir}"] + list(args.opts))
     train_args = default_argument_parser().parse_args(["--config-file", CONFIG])
     default_setup(cfg, train_args)
+    setup_logger(args.output_dir, name="soit")  # skipped images and dropped annotations into log.txt
 
     start = time.time()
     model = instantiate(cfg.model)
@@ -102,10 +135,10 @@ def main(argv=None):
     # the training loop's last hook evaluated the final weights on the held-out tile
     with open(os.path.join(args.output_dir, "eval_results.json")) as f:
         trained = json.load(f)
-    from detectron2.checkpoint import DetectionCheckpointer
+    from soit.checkpoint.safe_load import SafeCheckpointer
 
     model = instantiate(cfg.model)
-    DetectionCheckpointer(model).load(os.path.join(args.output_dir, "model_final.pth"))
+    SafeCheckpointer(model, complete=True).load(os.path.join(args.output_dir, "model_final.pth"))
     pictures = draw_predictions(cfg, model, os.path.join(args.output_dir, "vis"), args.vis_threshold)
 
     metrics = {

@@ -388,16 +388,12 @@ def load_official_checkpoint(path: str, trust_pickle: bool = False):
     """(state_dict, meta) of an official checkpoint file: a dict with "state_dict" (and
     usually "meta"), or a bare state dict. Loaded with ``weights_only=True`` unless
     ``trust_pickle`` (full unpickling, which can run arbitrary code: trusted files only)."""
+    from .safe_load import UnsafeFileError, torch_load_checked
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as e:  # the official pickles may hold more than tensors
-        if trust_pickle:
-            raise
-        raise ConversionError(
-            f"{path} could not be read with torch.load(weights_only=True): {e}\n"
-            "The file holds objects other than tensors and plain containers. If you trust it, "
-            "convert with trust_pickle=True (tools/convert_official.py --trust-pickle)."
-        ) from e
+        data = torch_load_checked(path, trust_pickle)
+    except (UnsafeFileError, ValueError, FileNotFoundError) as e:  # names the file; real pickles also the opt-in
+        raise ConversionError(str(e)) from e
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a dict, got {type(data).__name__}")
     if "state_dict" in data:

@@ -77,7 +77,22 @@ def _fix_map_dataset_fallback():
         if isinstance(getattr(self, "_fallback_candidates", None), set):
             self._fallback_candidates = _IndexableSet(self._fallback_candidates)
 
+    original_getitem = cls.__getitem__
+
+    @functools.wraps(original_getitem)
+    def __getitem__(self, idx):
+        try:
+            return original_getitem(self, idx)
+        except ValueError as e:  # random.sample from an empty candidate set
+            if len(getattr(self, "_fallback_candidates", ())) == 0:
+                raise RuntimeError(
+                    f"none of the {len(self._dataset)} images of the dataset could be read or used (each was "
+                    "warned about above, naming the file): check the image folder and the file names in the JSON"
+                ) from e
+            raise
+
     cls.__init__ = __init__
+    cls.__getitem__ = __getitem__
     cls._soit_fallback_fixed = True
 
 

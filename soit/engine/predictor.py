@@ -8,13 +8,15 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
-from detectron2.data import MetadataCatalog
+from detectron2.config import instantiate
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint.safe_load import SafeCheckpointer, load_config
+from ..data.metadata import dataset_metadata
+from .overrides import apply_overrides
 
 __all__ = ["Predictor", "config_test_augmentations"]
 
@@ -44,6 +46,9 @@ class Predictor:
         checkpoint: str | None = None,
         device: str | torch.device = "cpu",
         overrides: Sequence[str] = (),
+        *,
+        trust_pickle: bool = False,
+        trust_config: bool = False,
     ):
         """
         Args:
@@ -53,16 +58,20 @@ class Predictor:
                 either the model keeps its random initialisation (a warning says so).
             device: where the model runs; outputs are always returned on the CPU.
             overrides: ``key=value`` strings, as on the command line of ``train_net.py``.
+            trust_pickle: read the checkpoint with full unpickling (it can run code: trusted
+                files only); by default only weights and plain values are read.
+            trust_config: read a YAML config without refusing Python tags and unknown
+                ``_target_`` callables (trusted files only).
         """
         if isinstance(config, (str, os.PathLike)):
             if not os.path.isfile(config):
                 raise FileNotFoundError(f"config file {str(config)!r} does not exist")
-            cfg = LazyConfig.load(str(config))
+            cfg = load_config(str(config), trust_config=trust_config)
         elif isinstance(config, DictConfig):
             cfg = copy.deepcopy(config)
         else:
             raise TypeError(f"config must be a path or an omegaconf DictConfig, got {type(config).__name__}")
-        self.cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        self.cfg = apply_overrides(cfg, list(overrides))
 
         path = str(checkpoint) if checkpoint else OmegaConf.select(self.cfg, "train.init_checkpoint", default=None)
         if path:  # before building the model: a wrong path fails at once
@@ -74,7 +83,7 @@ class Predictor:
         self.augmentations = T.AugmentationList([instantiate(a) for a in config_test_augmentations(self.cfg)])
 
         if path:
-            DetectionCheckpointer(self.model).load(path)
+            SafeCheckpointer(self.model, trust_pickle=trust_pickle, complete=True).load(path)
         else:
             logger.warning(
                 "no checkpoint given and no train.init_checkpoint in the config: the model is randomly initialised"
@@ -86,7 +95,7 @@ class Predictor:
         names = OmegaConf.select(self.cfg, "dataloader.test.dataset.names", default=None)
         if isinstance(names, str):
             names = [names]
-        return MetadataCatalog.get(names[0]) if names else Metadata()
+        return dataset_metadata(names[0]) if names else Metadata()
 
     def __call__(self, image: np.ndarray, format: str = "BGR") -> Instances:
         """Detections of one image.

@@ -13,6 +13,7 @@ from ..layers.position_encoding import inverse_sigmoid
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .mask_head import aligned_bilinear
 from .tiling import TileDetections, paste_masks, tiled_predict
+from .transformer import TooFewTokensError
 
 __all__ = ["SOIT", "MLP", "soit_postprocess", "REFERENCE_PARTS"]
 
@@ -231,7 +232,7 @@ class SOIT(nn.Module):
         """
         if self.training:
             images, padding = self.preprocess_image(batched_inputs)
-            outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+            outputs, mask_inputs = self._heads(batched_inputs, images, padding)
             targets = self.prepare_targets(batched_inputs, images)
             return self.criterion(outputs, targets, mask_inputs)
         return self.inference(batched_inputs)
@@ -251,7 +252,7 @@ class SOIT(nn.Module):
         if self.tile_size and do_postprocess and not torch.jit.is_tracing():
             return self.tiled_inference(batched_inputs)
         images, padding = self.preprocess_image(batched_inputs)
-        outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+        outputs, mask_inputs = self._heads(batched_inputs, images, padding)
         results = self.select_detections(outputs, mask_inputs)
         if not do_postprocess:
             return [self.instances_at_input_size(r, size) for r, size in zip(results, images.image_sizes)]
@@ -292,7 +293,7 @@ class SOIT(nn.Module):
 
     def _untiled(self, x: Dict):
         images, padding = self.preprocess_image([x])
-        outputs, mask_inputs = self.forward_heads(images.tensor, padding)
+        outputs, mask_inputs = self._heads([x], images, padding)
         (res,) = self.select_detections(outputs, mask_inputs)
         size = images.image_sizes[0]
         return [{"instances": self.postprocess(res, size, (x.get("height", size[0]), x.get("width", size[1])))}]
@@ -310,6 +311,18 @@ class SOIT(nn.Module):
                 TileDetections(inst.scores, inst.pred_classes, inst.pred_boxes.tensor, inst.pred_masks > self.mask_threshold)
             )
         return detections
+
+    def _heads(self, batched_inputs, images: ImageList, padding: torch.Tensor):
+        """:meth:`forward_heads`; an input too small for the queries is named."""
+        try:
+            return self.forward_heads(images.tensor, padding)
+        except TooFewTokensError as e:
+            names = [x.get("file_name", f"input {i}") for i, x in enumerate(batched_inputs)]
+            sizes = [f"{w}x{h}" for h, w in images.image_sizes]
+            raise TooFewTokensError(
+                f"{', '.join(f'{n} ({s})' for n, s in zip(names, sizes))} too small for the model (batch padded "
+                f"to {images.tensor.shape[-1]}x{images.tensor.shape[-2]}): {e}"
+            ) from e
 
     def forward_heads(self, images: torch.Tensor, padding: torch.Tensor):
         """Everything from pixels to per-layer predictions (no detectron2 structures).

@@ -25,6 +25,7 @@ __all__ = [
     "DeformableDecoderLayer",
     "DeformableDecoder",
     "DeformableTransformer",
+    "TooFewTokensError",
     "valid_ratios_from_mask",
     "encoder_reference_points",
     "flatten_spatial_shapes",
@@ -70,6 +71,10 @@ def flatten_spatial_shapes(features: Sequence[torch.Tensor]):
     shapes = torch.stack([torch._shape_as_tensor(f)[-2:] for f in features]).to(features[0].device)
     start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     return shapes, start
+
+
+class TooFewTokensError(ValueError):
+    """The encoder has fewer tokens than the two-stage selection needs queries."""
 
 
 class FFN(nn.Module):
@@ -432,7 +437,7 @@ class DeformableTransformer(nn.Module):
             enc_class = cls_branches[num_dec](output_memory)
             enc_coord_unact = apply_box_delta(proposals, reg_branches[num_dec](output_memory), centre_scale)
             if not torch.jit.is_tracing() and enc_class.shape[1] < self.num_queries:
-                raise ValueError(
+                raise TooFewTokensError(
                     f"{enc_class.shape[1]} encoder tokens cannot give {self.num_queries} proposals; "
                     "use larger inputs or fewer num_queries"
                 )

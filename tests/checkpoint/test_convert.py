@@ -294,13 +294,27 @@ class _NotATensor:
 def test_checkpoint_needing_full_unpickling_gives_a_clear_error(tmp_path):
     src = tmp_path / "odd.pth"
     torch.save({"state_dict": {}, "meta": _NotATensor()}, src)
-    with pytest.raises(ConversionError, match=r"(?s)weights_only=True.*trust_pickle=True"):
+    with pytest.raises(ConversionError, match=r"(?s)_NotATensor.*trust_pickle=True"):
         convert_checkpoint(str(src), str(tmp_path / "out.pth"))
     assert not (tmp_path / "out.pth").exists()
     assert load_tool().main([str(src), str(tmp_path / "out.pth")]) == 1
     # opting in to full unpickling reads it
     state, meta = load_official_checkpoint(str(src), trust_pickle=True)
     assert state == {} and type(meta).__name__ == "_NotATensor"
+
+
+def test_files_that_are_not_checkpoints_are_named_without_steering_to_trust_pickle(tmp_path, capsys):
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": {"a": torch.ones(2)}}, good)
+    cases = {"random.pth": os.urandom(3000), "text.pth": b"a text file\n", "truncated.pth": good.read_bytes()[:200]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    for name in [*cases, "missing.pth"]:
+        assert load_tool().main([str(tmp_path / name), str(tmp_path / "out.pth")]) == 1
+        err = capsys.readouterr().err
+        assert str(tmp_path / name) in err and "trust" not in err, err
+        assert ("does not exist" if name == "missing.pth" else "not a readable checkpoint") in err
+    assert not (tmp_path / "out.pth").exists()
 
 
 # ------------------------------------------------------------------------------ parity

@@ -6,9 +6,9 @@ from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from conftest import shared_file
+from conftest import shared_file, write_synthetic_coco
 from soit.checkpoint import convert_checkpoint, infer_architecture, model_config_for
-from test_train_net import QUICKSTART, run, write_synthetic_coco
+from test_train_net import QUICKSTART, run
 
 
 def test_finetune_converted_official_weights_with_one_class(tmp_path):

@@ -1,50 +1,18 @@
 """train_net.py: exact resume, multi-process training (gloo on the CPU), output safety."""
-import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, write_synthetic_coco
 
 import train_net
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
-from pycocotools import mask as mask_util
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
-
-
-def write_synthetic_coco(root, num_images=4):
-    """Small COCO-format dataset: coloured rectangles and ellipses with exact RLE masks."""
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for i in range(num_images):
-        h, w = 72, 88
-        yy, xx = np.mgrid[:h, :w]
-        img = np.full((h, w, 3), 20, np.uint8)
-        for _ in range(2):
-            cy, cx = rng.integers(18, h - 18), rng.integers(18, w - 18)
-            ry, rx = rng.integers(8, 16), rng.integers(8, 16)
-            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-            img[m] = rng.integers(80, 255, 3)
-            rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode()
-            x, y, bw, bh = mask_util.toBbox(rle).tolist()
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "segmentation": rle,
-                 "bbox": [x, y, bw, bh], "area": float(m.sum()), "iscrowd": 0}
-            )
-        name = f"img{i}.png"
-        Image.fromarray(img).save(os.path.join(root, "images", name))
-        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-    with open(os.path.join(root, "train.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "blob"}]}, f)
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,12 @@ def build_parser():
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing exported files")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the export with eager mode")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="read the checkpoint with full unpickling (trusted files only)"
+    )
+    parser.add_argument(
+        "--trust-config", action="store_true", help="read a YAML config that names Python objects (trusted files only)"
+    )
     parser.add_argument("opts", nargs="*", default=[], help="config overrides key=value")
     return parser
 
@@ -58,7 +64,10 @@ def sample_input(cfg, model, path):
         image = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
         source = "synthetic 480x640"
     else:
-        image = utils.read_image(path, format=model.input_format)
+        try:
+            image = utils.read_image(path, format=model.input_format)
+        except Exception as e:  # PIL's errors do not name the file
+            raise ValueError(f"--sample-image {path} is not a readable image ({type(e).__name__}: {e})") from e
         source = path
     augs = [instantiate(a) for a in config_test_augmentations(cfg)]
     if augs:
@@ -87,23 +96,26 @@ def main(argv=None):
             parser.error(f"{path} exists; pass --overwrite to replace it")
 
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
     from detectron2.utils.logger import setup_logger
 
     from soit import export
+    from soit.checkpoint.safe_load import SafeCheckpointer, load_config
+    from soit.engine.overrides import apply_overrides
 
     setup_logger(name="soit")
     setup_logger(name="fvcore")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = apply_overrides(load_config(args.config_file, args.trust_config), args.opts)
     model = instantiate(cfg.model).to(args.device).eval()
     weights = cfg.get("train", {}).get("init_checkpoint", "")
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        SafeCheckpointer(model, trust_pickle=args.trust_pickle, complete=True).load(weights)
     else:
         logger.warning("train.init_checkpoint is empty: exporting a randomly initialised model")
     image, source = sample_input(cfg, model, args.sample_image)
     image = image.to(args.device)
+    with torch.no_grad():  # an input the model cannot take fails here, eagerly, before anything is written
+        eager = model.inference([{"image": image}], do_postprocess=False)[0]
 
     os.makedirs(args.output, exist_ok=True)
     start = time.perf_counter()
@@ -125,7 +137,6 @@ def main(argv=None):
 
     if not args.no_check:
         with torch.no_grad():
-            eager = model.inference([{"image": image}], do_postprocess=False)[0]
             if args.format == "torchscript":
                 got = export.instances_from_outputs(torch.jit.load(out_file)(image), names)
             else:

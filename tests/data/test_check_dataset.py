@@ -1,0 +1,110 @@
+"""tools/check_dataset.py and the dataset check of train_net.py."""
+import copy
+import json
+import os
+import sys
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from conftest import REPO, dataset_overrides, write_synthetic_coco
+
+import train_net
+from soit.data.check import check_coco_json, encoder_tokens, min_image_side
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import check_dataset  # noqa: E402
+
+QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("check"))
+    write_synthetic_coco(root, num_images=3)
+    with open(os.path.join(root, "train.json")) as f:
+        return root, json.load(f)
+
+
+def variant(root, data, name, change):
+    data = copy.deepcopy(data)
+    change(data)
+    path = os.path.join(root, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def set_ann(key, value, index=1):
+    def change(data):
+        data["annotations"][index][key] = value
+
+    return change
+
+
+CASES = {
+    # name: (change, expected text, annotation id named or None)
+    "nan_box": (set_ann("bbox", [1.0, 2.0, float("nan"), 5.0]), "is not 4 finite numbers", 2),
+    "negative_box": (set_ann("bbox", [1.0, 2.0, -3.0, 5.0]), "negative width or height", 2),
+    "empty_polygons": (set_ann("segmentation", []), "empty polygon list", 2),
+    "short_polygon": (set_ann("segmentation", [[1, 1, 5, 1]]), "has 2 points (at least 3 needed)", 2),
+    "unknown_category": (set_ann("category_id", 9), "category_id 9 is not in 'categories'", 2),
+    "duplicate_annotation_id": (set_ann("id", 1), "annotation id 1 is used by 2 annotations", 1),
+    "unknown_image": (set_ann("image_id", 42), "image_id 42 is not in 'images'", 2),
+    "duplicate_image_id": (lambda d: d["images"][1].update(id=1), "image id 1 is used by 2 images", None),
+    "size_mismatch": (lambda d: d["images"][0].update(height=100), "the file is 88x72 but the JSON says 88x100", None),
+    "missing_file": (lambda d: d["images"][2].update(file_name="gone.png"), "gone.png does not exist", None),
+    "too_small": (lambda d: d["images"][0].update(height=40, width=40), "fewer than the model's 100 queries", None),
+}
+
+
+def test_clean_dataset_one_line_and_exit_0(clean, capsys):
+    root, _ = clean
+    assert check_dataset.main([os.path.join(root, "train.json"), "--image-root", os.path.join(root, "images")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("OK ") and "3 images, 6 annotations, 1 categories, no problems" in out[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_bad_dataset_is_listed_with_file_and_annotation(clean, case, capsys):
+    root, data = clean
+    change, text, ann_id = CASES[case]
+    path = variant(root, data, case, change)
+    assert check_dataset.main([path, "--image-root", os.path.join(root, "images")]) == 1
+    out = capsys.readouterr().out
+    line = next((ln for ln in out.splitlines() if text in ln), None)
+    assert line is not None, out
+    assert line.startswith(path) and (f"annotation {ann_id}:" in line if ann_id else True)
+    assert out.strip().splitlines()[-1].startswith("FAILED ")
+
+
+def test_invalid_json_is_named(tmp_path, capsys):
+    path = tmp_path / "broken.json"
+    path.write_text('{"images": [')
+    assert check_dataset.main([str(path)]) == 1
+    assert f"{path} is not valid JSON" in capsys.readouterr().out
+
+
+def test_encoder_tokens_bound():
+    assert encoder_tokens(72, 72) == 81 + 25 + 9 + 4
+    side = min_image_side(100)
+    assert encoder_tokens(side, side) >= 100 > encoder_tokens(side - 1, side - 1)
+
+
+def test_train_net_refuses_an_evaluation_set_that_would_crash_coco_eval(clean, synthetic_dataset, tmp_path):
+    root, data = clean
+    path = variant(root, data, "eval_empty_polygon", CASES["empty_polygons"][0])
+    name = "test_check_eval_empty_polygon"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, path, os.path.join(root, "images"))
+    out = tmp_path / "run"
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", QUICKSTART, f"train.output_dir={out}", "train.max_iter=1",
+         *dataset_overrides(synthetic_dataset, name)]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"(?s){name}.*annotation 2: empty polygon list.*check_dataset.py"):
+        train_net.main(args)
+    assert not (out / "model_final.pth").exists() and not (out / "last_checkpoint").exists()
+    assert check_coco_json(path) and not check_coco_json(os.path.join(root, "train.json"))
