@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--seconds", type=float, default=300.0,
         help="training wall-clock budget per model and seed; 0: no training, SOIT rows start from their "
-        "train.init_checkpoint (to evaluate a trained model at other scales and inference settings)",
+        "train.init_checkpoint (to evaluate a trained model at other scales and inference settings; "
+        "'{seed}' in an override is replaced by the seed, e.g. train.init_checkpoint=models/x_seed{seed}.pth)",
     )
     p.add_argument("--max-iter", type=int, default=0, help="train this many iterations instead of --seconds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -72,6 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="where the shipped split is prepared (default datasets/<dataset>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="output/benchmark_small_data", help="folder for results.json and the log")
+    p.add_argument(
+        "--save-models", action="store_true",
+        help="also write each trained SOIT model to <output>/models/<row>_seed<seed>.pth "
+        "(re-evaluate it with --seconds 0 and train.init_checkpoint=<that file>)",
+    )
     args = p.parse_args(argv)
     if bool(args.train_json) != bool(args.test_json) or bool(args.train_json) != bool(args.train_images):
         p.error("--train-json, --train-images, --test-json and --test-images go together")
@@ -150,9 +156,10 @@ def seed_all(seed):
 
 
 def load_soit_config(row):
-    from detectron2.config import LazyConfig
+    from soit.checkpoint.safe_load import load_config
+    from soit.engine.overrides import apply_overrides
 
-    return LazyConfig.apply_overrides(LazyConfig.load(row["config"]), row["overrides"])
+    return apply_overrides(load_config(row["config"]), row["overrides"])
 
 
 def soit_setup(row, num_classes, seed, evaluate_only=False):
@@ -161,7 +168,8 @@ def soit_setup(row, num_classes, seed, evaluate_only=False):
     from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
     from detectron2.data.samplers import TrainingSampler
 
-    cfg = load_soit_config(row)
+    # "{seed}" in an override is this seed: train.init_checkpoint=models/x_seed{seed}.pth
+    cfg = load_soit_config(dict(row, overrides=[o.replace("{seed}", str(seed)) for o in row["overrides"]]))
     cfg.model.num_classes = num_classes
     seed_all(seed)
     model = instantiate(cfg.model)
@@ -174,9 +182,9 @@ def soit_setup(row, num_classes, seed, evaluate_only=False):
     if not cfg.train.init_checkpoint and evaluate_only:
         raise ValueError(f"--seconds 0: SOIT row {row['name']!r} needs train.init_checkpoint=<trained weights>")
     if cfg.train.init_checkpoint:
-        from detectron2.checkpoint import DetectionCheckpointer
+        from soit.checkpoint.safe_load import SafeCheckpointer
 
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(model, complete=evaluate_only).load(cfg.train.init_checkpoint)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     test_mapper_cfg = cfg.dataloader.test.mapper
@@ -343,6 +351,12 @@ def main(argv=None):
                 ap[str(scale)] = evaluate(model, test_mapper(scale), args.device)
                 logger.info(f"{name}, seed {seed}, test scale {scale:g}: {ap[str(scale)]}")
             results[name].append({"seed": seed, "iterations": iterations, "seconds": round(seconds, 1), "ap": ap})
+            if args.save_models and name != "mask_rcnn" and not args.evaluate_only:
+                path = os.path.join(args.output, "models", f"{name}_seed{seed}.pth")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                # the layout DetectionCheckpointer reads: train.init_checkpoint=<path> re-evaluates it
+                torch.save({"model": model.state_dict()}, path)
+                logger.info(f"{name}, seed {seed}: weights saved to {path}")
             for inf_name, settings in ({} if name == "mask_rcnn" else args.inference_settings).items():
                 variant = copy.deepcopy(model)
                 apply_settings(variant, settings)
