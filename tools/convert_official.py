@@ -29,6 +29,10 @@ def main(argv=None):
         action="store_true",
         help="read the input with full unpickling (needed when it holds more than tensors; trusted files only)",
     )
+    parser.add_argument(
+        "--trust-config", action="store_true",
+        help="read a YAML --config-file without refusing Python tags and unknown _target_ callables (trusted files only)",
+    )
     args = parser.parse_args(argv)
     if os.path.exists(args.output) and not args.overwrite:
         print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -40,8 +44,9 @@ def main(argv=None):
             overwrite=args.overwrite,
             config_file=args.config_file,
             trust_pickle=args.trust_pickle,
+            trust_config=args.trust_config,
         )
-    except (ConversionError, FileExistsError) as e:
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     arch = summary["architecture"]

@@ -344,12 +344,13 @@ def _default_config_file():
     return os.path.join(root, "configs", "models", "soit_r50.py")
 
 
-def model_config_for(arch: dict, config_file: str | None = None):
+def model_config_for(arch: dict, config_file: str | None = None, trust_config: bool = False):
     """The LazyConfig model of ``config_file`` (default: configs/models/soit_r50.py) with
-    the values that :func:`infer_architecture` found."""
-    from detectron2.config import LazyConfig
+    the values that :func:`infer_architecture` found. A YAML ``config_file`` is read safely
+    unless ``trust_config`` (see :func:`soit.checkpoint.safe_load.load_config`)."""
+    from .safe_load import load_config
 
-    cfg = LazyConfig.load(config_file or _default_config_file()).model
+    cfg = load_config(config_file or _default_config_file(), trust_config).model
     cfg.backbone.stages.depth = arch["depth"]
     if arch["depth"] < 50:
         cfg.backbone.stages.pop("stride_in_1x1", None)  # BasicBlock has a single stride
@@ -376,11 +377,11 @@ def model_config_for(arch: dict, config_file: str | None = None):
     return cfg
 
 
-def build_reference_model(arch: dict, config_file: str | None = None):
+def build_reference_model(arch: dict, config_file: str | None = None, trust_config: bool = False):
     """Our model for the architecture of an official checkpoint (for shape checks)."""
     from detectron2.config import instantiate
 
-    return instantiate(model_config_for(arch, config_file))
+    return instantiate(model_config_for(arch, config_file, trust_config))
 
 
 # ----------------------------------------------------------------------------- files
@@ -410,6 +411,7 @@ def convert_checkpoint(
     model=None,
     config_file: str | None = None,
     trust_pickle: bool = False,
+    trust_config: bool = False,
 ) -> dict:
     """Convert an official checkpoint file to one that ``DetectionCheckpointer(model).load``
     loads with no missing or unexpected keys.
@@ -421,6 +423,7 @@ def convert_checkpoint(
         model: our model to check names and shapes against; by default one is built from
             ``config_file`` (configs/models/soit_r50.py) with the checkpoint's architecture.
         trust_pickle: read ``in_path`` with full unpickling (trusted files only).
+        trust_config: read a YAML ``config_file`` without the safe loader's limits.
 
     Returns:
         A summary: "num_tensors", "num_parameters" (elements), "dropped", "mask_branch_copies",
@@ -431,7 +434,7 @@ def convert_checkpoint(
     official, meta = load_official_checkpoint(in_path, trust_pickle=trust_pickle)
     arch = infer_architecture(official)
     if model is None:
-        model = build_reference_model(arch, config_file)
+        model = build_reference_model(arch, config_file, trust_config)
     stats: dict = {}
     state = convert_official_state_dict(official, reference=model.state_dict(), stats=stats)
     out = {"model": state, "__author__": AUTHOR, "matching_heuristics": False}

@@ -317,6 +317,17 @@ def test_files_that_are_not_checkpoints_are_named_without_steering_to_trust_pick
     assert not (tmp_path / "out.pth").exists()
 
 
+def test_a_yaml_config_that_would_run_code_is_refused(fixture_ref, tmp_path, capsys):
+    src, out, marker = tmp_path / "official.pth", tmp_path / "out.pth", tmp_path / "executed"
+    torch.save({"state_dict": fixture_ref["state_dict"]}, src)
+    config = tmp_path / "model.yaml"
+    config.write_text(f"model: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    assert load_tool().main([str(src), str(out), "--config-file", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert str(config) in err and "--trust-config" in err
+    assert not marker.exists() and not out.exists()
+
+
 # ------------------------------------------------------------------------------ parity
 @pytest.fixture(scope="module")
 def small_model(fixture_ref):
