@@ -189,10 +189,11 @@ def main(args):
     # our warnings (skipped images, dropped annotations, dataset problems) go to the run's log.txt too
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="soit")
     # a ground truth that would make COCO evaluation crash or lie is refused before training
+    queries = cfg.model.get("transformer", {}).get("num_queries", 0)
     for name in [] if args.eval_only else _names(cfg.dataloader.train.dataset.get("names")):
-        check_registered_dataset(name)
+        check_registered_dataset(name, num_queries=queries)
     for name in _names(cfg.dataloader.test.dataset.get("names")) if "evaluator" in cfg.dataloader else []:
-        check_registered_dataset(name, evaluation=True)
+        check_registered_dataset(name, evaluation=True, num_queries=queries)
     if args.eval_only:
         if not cfg.train.init_checkpoint:
             raise SystemExit("--eval-only needs the weights to evaluate: add train.init_checkpoint=<checkpoint>")

@@ -170,10 +170,11 @@ def _check_file(path, name, height, width):
     return []
 
 
-def check_registered_dataset(name, evaluation=False, max_logged=20):
+def check_registered_dataset(name, evaluation=False, num_queries=0, max_logged=20):
     """Check a dataset registered with a COCO ``json_file`` (others are not checked) and log
     its problems naming the dataset, image and annotation; training goes on (the mapper
-    drops what it cannot use, saying so). With ``evaluation``, a ground truth that would make
+    drops what it cannot use, saying so). ``num_queries``: also log images too small for
+    that many queries at their size in the JSON (the test mapper may still resize them). With ``evaluation``, a ground truth that would make
     COCO evaluation crash or lie raises ``ValueError`` instead, before any time is spent."""
     import logging
 
@@ -183,7 +184,7 @@ def check_registered_dataset(name, evaluation=False, max_logged=20):
     json_file = MetadataCatalog.get(name).get("json_file")
     if not json_file:
         return []
-    problems = check_coco_json(json_file, check_files=False)
+    problems = check_coco_json(json_file, num_queries=num_queries, check_files=False)
     for p in problems[:max_logged]:
         logger.warning(f"dataset {name!r} ({json_file}): {p}")
     if len(problems) > max_logged:

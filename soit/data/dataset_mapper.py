@@ -316,7 +316,8 @@ class SOITDatasetMapper:
             box = None
             if "bbox" in ann:
                 box = BoxMode.convert(list(ann["bbox"]), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
-                if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
+                # "not > 0" also catches NaN, which compares false with everything
+                if not (np.isfinite(box).all() and box[2] - box[0] > 0 and box[3] - box[1] > 0):
                     dropped[DEGENERATE_BOX] += 1
                     continue
             mask, reason = decode_segmentation(ann.get("segmentation"), *orig_hw)

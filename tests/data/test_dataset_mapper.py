@@ -179,6 +179,7 @@ def bad_dataset(tmp_path):
         _ann(_uncompressed_rle(crowd), [30, 25, 20, 10], iscrowd=1),
         _ann([[5.0, 5.0, 5.0, 13.0, 5.0, 9.0]], [5, 5, 0, 8]),  # a line: zero-area box
         _ann([], [40, 5, 6, 6]),  # empty polygon list
+        _ann(SQUARE, [10, 10, float("nan"), 10]),  # NaN compares false: must not pass as a box
     ]
     dicts["no_annotations"] = dict(dicts["rgb"], image_id="none", annotations=[])
     dicts["corrupt"] = {"file_name": str(tmp_path / "corrupt.png"), "image_id": "corrupt", "height": 40, "width": 60,
@@ -195,9 +196,9 @@ def test_bad_annotations_are_dropped_and_named_in_the_log(bad_dataset, log):
     mapper = SOITDatasetMapper(True, augmentation=[])
     inst = mapper(dicts["rgb"])["instances"]
     assert len(inst) == 1 and inst.gt_boxes.tensor.tolist() == [[10, 10, 20, 20]]
-    assert dict(mapper.dropped) == {"crowd": 1, "degenerate_box": 1, "empty_mask": 1}
+    assert dict(mapper.dropped) == {"crowd": 1, "degenerate_box": 2, "empty_mask": 1}
     (warning,) = [r for r in log.records if r.levelno == logging.WARNING]
-    for text in ("rgb.png", "kept 1 of 4", "crowd: 1", "degenerate_box: 1", "empty_mask: 1"):
+    for text in ("rgb.png", "kept 1 of 5", "crowd: 1", "degenerate_box: 2", "empty_mask: 1"):
         assert text in warning.getMessage()
     assert "crowd: 1" in mapper.summary() and "1 annotations kept" in mapper.summary()
     # The same file next epoch: counted again, but not warned about again.

@@ -206,3 +206,17 @@ def test_unreadable_images_are_logged_in_the_run_log_and_none_readable_is_said(t
         train_net.main(args)
     log = (run / "log.txt").read_text()
     assert "img0.png" in log and "img1.png" in log
+
+
+def test_an_invalid_annotation_file_is_named_before_training(tmp_path, synthetic_dataset):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [{"id": 1,')
+    (tmp_path / "images").mkdir()
+    run = tmp_path / "run"
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", QUICKSTART, "--register-coco", "test_user_errors_broken", str(broken), str(tmp_path / "images"),
+         f"train.output_dir={run}", "train.max_iter=1", *dataset_overrides("test_user_errors_broken", synthetic_dataset)]
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"{broken} is not valid JSON"):
+        train_net.main(args)
+    assert not (run / "last_checkpoint").exists()
