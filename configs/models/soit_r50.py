@@ -37,6 +37,9 @@ model = L(SOIT)(
         num_queries=300,
         two_stage="${..two_stage}",
         box_refine="${..with_box_refine}",
+        # training options beyond the paper (projects/SOIT/README.md), off = the paper
+        mixed_query_selection=False,  # DINO: learned content queries, positional from proposals
+        look_forward_twice=False,  # DINO: a layer's box loss also refines the previous layer's box
     ),
     # paper Table 4: mask-encoder layers (0 = Linear + LayerNorm on P3 only)
     mask_encoder=L(MaskEncoder)(
@@ -47,7 +50,6 @@ model = L(SOIT)(
     criterion=L(SetCriterion)(
         num_classes="${..num_classes}",
         matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
-        mask_head=None,  # SOIT hands the criterion its own mask head
         cls_weight=2.0,
         bbox_weight=5.0,
         giou_weight=2.0,
@@ -57,6 +59,8 @@ model = L(SOIT)(
         mask_loss_layers=None,
         # "official" keeps the release's padding quirk; "exclude" drops padded pixels
         mask_loss_padding="exclude",
+        # "focal" (paper) or IoU-aware classification: "varifocal", "ia_bce" (model card)
+        cls_loss="focal",
     ),
     num_classes=80,
     # the official model takes RGB with torchvision's ImageNet statistics

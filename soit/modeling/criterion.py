@@ -1,9 +1,13 @@
 """SOIT's training losses: set-prediction (class, box) losses for every decoder layer and
-the two-stage encoder proposals, and Dice + BCE mask losses from the instance-aware
-transformer for the last decoder layers (paper section "Training", Table 5).
+the two-stage encoder proposals, and Dice + BCE mask losses of the instance-aware
+transformer's masks for the last decoder layers (paper section "Training", Table 5).
 
-Notation: Ld decoder layers, B images, Q queries, K classes, D dynamic parameters,
-(h, w) the padded stride-8 map, N matched instances.
+The criterion does loss math only. Training runs: the model's heads -> :meth:`SetCriterion.match`
+-> the mask head on the matched queries (:func:`matched_queries` says which, in which order)
+-> :meth:`SetCriterion.forward` on logits, boxes and mask logits.
+
+Notation: Ld decoder layers, B images, Q queries, K classes, (h, w) the padded stride-8
+map, N matched (layer, query) pairs with a mask loss.
 """
 
 import torch
@@ -11,12 +15,54 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .mask_head import aligned_bilinear
 
-__all__ = ["SetCriterion", "dice_loss", "instance_mask_losses", "mask_valid_pixels", "sigmoid_focal_loss"]
+__all__ = [
+    "SetCriterion",
+    "dice_loss",
+    "instance_mask_losses",
+    "mask_valid_pixels",
+    "matched_queries",
+    "ia_bce_loss",
+    "sigmoid_focal_loss",
+    "varifocal_loss",
+]
 
 MASK_LOSS_PADDING = ("official", "exclude")
+CLS_LOSSES = ("focal", "varifocal", "ia_bce")
+
+
+def varifocal_loss(logits, quality, positive, alpha=0.75, gamma=2.0):
+    """Element-wise varifocal loss (Zhang et al., "VarifocalNet", CVPR 2021), no reduction.
+
+    Positives (``positive`` True) learn their localisation quality q as the class target,
+    weighted by q: -q * (q log p + (1 - q) log(1 - p)); negatives are down-weighted as
+    -alpha * p^gamma * log(1 - p).
+
+    Args:
+        logits, quality, positive: same shape; quality in [0, 1] (read at positives only).
+    """
+    p = logits.sigmoid()
+    target = torch.where(positive, quality, torch.zeros_like(quality))
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    weight = torch.where(positive, quality, alpha * p.detach().pow(gamma))
+    return weight * ce
+
+
+def ia_bce_loss(logits, quality, positive, alpha=0.25, gamma=2.0):
+    """Element-wise IoU-aware BCE (Cai et al., "Align-DETR", 2023), no reduction.
+
+    Positives learn t = s^alpha * u^(1 - alpha), with s their own (detached) score and u the
+    localisation quality: -(t log s + (1 - t) log(1 - s)); negatives -s^gamma * log(1 - s).
+
+    Args:
+        logits, quality, positive: same shape; quality in [0, 1] (read at positives only).
+    """
+    s = logits.sigmoid().detach()
+    target = torch.where(positive, s.pow(alpha) * quality.clamp(min=0).pow(1 - alpha), torch.zeros_like(s))
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return torch.where(positive, ce, s.pow(gamma) * ce)
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
@@ -69,6 +115,43 @@ def mask_valid_pixels(mask_padding, size):
     return pad[:, 0] == 0
 
 
+def sample_mask_points(logits, extent, num_points, oversample=3.0, importance=0.75):
+    """Where to evaluate point-sampled mask losses (PointRend, Kirillov et al., CVPR 2020, as
+    trained by Mask2Former, Cheng et al., CVPR 2022): ``oversample * num_points`` random points,
+    of which the ``importance * num_points`` with the least certain logits (closest to 0)
+    are kept, plus the rest drawn at random. No gradient.
+
+    Args:
+        logits: (N, h, w) mask logits over the padded map.
+        extent: (N, 2) (x, y) part of the padded map that is image, in (0, 1].
+        num_points, oversample, importance: as above (importance in [0, 1]).
+
+    Returns:
+        (N, num_points, 2) (x, y) in [0, 1] of the padded map.
+    """
+    n = logits.shape[0]
+    with torch.no_grad():
+        extent = extent[:, None].to(logits.dtype)
+        num_uncertain = int(importance * num_points)
+        if num_uncertain > 0:
+            candidates = torch.rand(n, max(int(oversample * num_points), num_uncertain), 2, device=logits.device) * extent
+            certainty = point_sample(logits, candidates).abs()
+            chosen = certainty.topk(num_uncertain, dim=1, largest=False).indices
+            uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
+        else:
+            uncertain = logits.new_zeros(n, 0, 2)
+        rest = torch.rand(n, num_points - num_uncertain, 2, device=logits.device) * extent
+        return torch.cat([uncertain, rest], 1)
+
+
+def point_sample(maps, points):
+    """(N, H, W) maps read bilinearly at (N, P, 2) (x, y) points in [0, 1]: pixel k covers
+    [k / W, (k + 1) / W) (``align_corners=False``); within half a pixel of the border the
+    border value (replicated, as the dense loss's upsampling does). Returns (N, P)."""
+    grid = (2 * points - 1)[:, :, None].to(maps.dtype)
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0, :, 0]
+
+
 def instance_mask_losses(probs, targets, valid, padding="official"):
     """Dice and BCE of N instance masks, each normalized as in SOIT (before / num_gts).
 
@@ -101,6 +184,32 @@ def instance_mask_losses(probs, targets, valid, padding="official"):
     return dice_loss(probs, targets), bce.flatten(1).sum(1) / num_valid
 
 
+def matched_queries(matches, layers):
+    """The matched queries of the given decoder layers as index tensors, in the order the
+    mask logits given to :class:`SetCriterion` must follow: layer by layer, image by image,
+    in the matcher's order within an image.
+
+    Args:
+        matches: per decoder layer, per image, the matcher's (query indices, ground-truth
+            indices).
+        layers: decoder layers with mask losses.
+
+    Returns:
+        dict of (N,) long tensors: "layer" (decoder layer), "image", "query", "target"
+        (ground-truth index within its image).
+    """
+    rows = {"layer": [], "image": [], "query": [], "target": []}
+    for layer in layers:
+        for b, (src, tgt) in enumerate(matches[layer]):
+            rows["layer"].append(torch.full_like(src, layer))
+            rows["image"].append(torch.full_like(src, b))
+            rows["query"].append(src)
+            rows["target"].append(tgt)
+    if not rows["query"]:
+        return {k: torch.zeros(0, dtype=torch.long) for k in rows}
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
 class SetCriterion(nn.Module):
     """All SOIT training losses, already multiplied by their weights.
 
@@ -111,15 +220,28 @@ class SetCriterion(nn.Module):
         num_classes: K, class-logit channels.
         matcher: :class:`~soit.modeling.matcher.HungarianMatcher` (or any callable with its
             signature), run per decoder layer and for the encoder proposals.
-        mask_head: :class:`~soit.modeling.mask_head.InstanceAwareMaskHead` (no parameters;
-            the meta-architecture may share it for inference); None disables mask losses.
+        mask_head: must be None: the model runs its mask head (accepted so that configs
+            written with it keep loading).
         cls_weight, bbox_weight, giou_weight, dice_weight, bce_weight: loss weights.
-        focal_alpha, focal_gamma: classification focal loss.
+        focal_alpha, focal_gamma: classification focal loss (gamma is also the exponent of
+            the negatives' weight in "varifocal" and "ia_bce").
+        cls_loss: "focal" (the paper: matched (query, class) pairs learn 1), or an IoU-aware
+            classification where a matched pair learns its box IoU with the ground truth:
+            "varifocal" (VarifocalNet, Zhang et al., CVPR 2021; ``varifocal_alpha``) or
+            "ia_bce" (Align-DETR's IoU-aware BCE, Cai et al., 2023: target score^alpha *
+            IoU^(1 - alpha), ``ia_bce_alpha``). Applies to every decoder layer and the
+            encoder proposals; the matcher's costs are unchanged.
         mask_loss_layers: mask losses on the last this-many decoder layers (paper Table 5);
             None = all, 0 = none.
         mask_loss_padding: "official" (padding counts in Dice and BCE, for parity with the
             released model) or "exclude" (padding ignored); see :func:`instance_mask_losses`.
         mask_upsample: factor from the stride-8 mask logits to the loss resolution (stride 2).
+        mask_loss_points: 0 (the paper): Dice and BCE over every pixel of the stride-2 map.
+            P > 0: over P points per mask, read bilinearly from the stride-8 logits and the
+            full-resolution target (:func:`sample_mask_points`: ``mask_loss_oversample``,
+            ``mask_loss_importance``), which cuts the criterion's memory and time when many
+            queries have mask losses (PointRend / Mask2Former). The points lie in the image,
+            never in the padding, so it needs ``mask_loss_padding="exclude"``.
     """
 
     def __init__(
@@ -135,18 +257,41 @@ class SetCriterion(nn.Module):
         bce_weight=2.0,
         focal_alpha=0.25,
         focal_gamma=2.0,
+        cls_loss="focal",
+        varifocal_alpha=0.75,
+        ia_bce_alpha=0.25,
         mask_loss_layers=None,
         mask_loss_padding="official",
         mask_upsample=4,
+        mask_loss_points=0,
+        mask_loss_oversample=3.0,
+        mask_loss_importance=0.75,
     ):
         super().__init__()
+        if mask_head is not None:
+            raise ValueError(
+                "SetCriterion(mask_head=...) is no longer used: the model runs its mask head on the matched "
+                "queries and gives the criterion their mask logits; drop the argument (mask_loss_layers=0 turns "
+                "the mask losses off)"
+            )
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
         if mask_loss_padding not in MASK_LOSS_PADDING:
             raise ValueError(f"mask_loss_padding must be one of {MASK_LOSS_PADDING}, got {mask_loss_padding!r}")
+        if mask_loss_points < 0 or mask_loss_oversample < 1 or not 0 <= mask_loss_importance <= 1:
+            raise ValueError(
+                "mask_loss_points must be >= 0, mask_loss_oversample >= 1 and mask_loss_importance in [0, 1]; got "
+                f"{mask_loss_points}, {mask_loss_oversample}, {mask_loss_importance}"
+            )
+        if mask_loss_points and mask_loss_padding != "exclude":
+            raise ValueError(
+                "point-sampled mask losses (mask_loss_points > 0) sample the image only: they need "
+                f"mask_loss_padding='exclude', got {mask_loss_padding!r}"
+            )
         if mask_loss_layers is not None and mask_loss_layers < 0:
             raise ValueError(f"mask_loss_layers must be None (all layers) or >= 0, got {mask_loss_layers}")
         self.num_classes = num_classes
         self.matcher = matcher
-        self.mask_head = mask_head
         self.cls_weight = cls_weight
         self.bbox_weight = bbox_weight
         self.giou_weight = giou_weight
@@ -154,9 +299,15 @@ class SetCriterion(nn.Module):
         self.bce_weight = bce_weight
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.cls_loss = cls_loss
+        self.varifocal_alpha = varifocal_alpha
+        self.ia_bce_alpha = ia_bce_alpha
         self.mask_loss_layers = mask_loss_layers
         self.mask_loss_padding = mask_loss_padding
         self.mask_upsample = mask_upsample
+        self.mask_loss_points = mask_loss_points
+        self.mask_loss_oversample = mask_loss_oversample
+        self.mask_loss_importance = mask_loss_importance
 
     def num_gts(self, targets, device):
         """Ground truths in the batch, averaged over processes, at least 1 (a float)."""
@@ -165,6 +316,30 @@ class SetCriterion(nn.Module):
             dist.all_reduce(n)
             n = n / dist.get_world_size()
         return n.clamp(min=1).item()
+
+    def mask_layers(self, num_layers):
+        """The decoder layers with mask losses: the last ``mask_loss_layers`` of ``num_layers``."""
+        k = num_layers if self.mask_loss_layers is None else self.mask_loss_layers
+        if k > num_layers:
+            raise ValueError(f"mask_loss_layers={k} but the decoder has only {num_layers} layers")
+        return list(range(num_layers - k, num_layers))
+
+    @staticmethod
+    def _binary(targets):
+        # proposals score objectness only: every ground truth becomes class 0
+        return [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
+
+    @torch.no_grad()
+    def match(self, outputs, targets):
+        """Bipartite matches of every decoder layer ("layers": per layer, per image, (query
+        indices, ground-truth indices)) and of the encoder proposals ("enc", None without
+        them)."""
+        pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        layers = [self.matcher(pred_logits[l], pred_boxes[l], targets) for l in range(pred_logits.shape[0])]
+        enc = None
+        if outputs.get("enc_logits") is not None:
+            enc = self.matcher(outputs["enc_logits"], outputs["enc_boxes"], self._binary(targets))
+        return {"layers": layers, "enc": enc}
 
     def set_losses(self, logits, boxes, targets, matches, num_gts):
         """Focal class, L1 and GIoU losses of one prediction set.
@@ -182,84 +357,110 @@ class SetCriterion(nn.Module):
 
         onehot = torch.zeros_like(logits, dtype=torch.float32)
         onehot[batch_idx, src_idx, labels] = 1.0
-        focal = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma)
-        loss_cls = focal.sum() / num_gts
-
         src_boxes = boxes[batch_idx, src_idx].float()
+        if self.cls_loss == "focal":
+            cls = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma)
+        else:
+            # each matched pair's quality: the IoU of its box with its ground truth (a target, no gradient)
+            iou = box_iou(box_cxcywh_to_xyxy(src_boxes.detach()), box_cxcywh_to_xyxy(tgt_boxes))[0].diagonal()
+            quality = torch.zeros_like(onehot)
+            quality[batch_idx, src_idx, labels] = iou
+            if self.cls_loss == "varifocal":
+                cls = varifocal_loss(logits.float(), quality, onehot > 0, self.varifocal_alpha, self.focal_gamma)
+            else:
+                cls = ia_bce_loss(logits.float(), quality, onehot > 0, self.ia_bce_alpha, self.focal_gamma)
+        loss_cls = cls.sum() / num_gts
+
         loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_gts
         giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         loss_giou = (1 - giou.diagonal()).sum() / num_gts
         return self.cls_weight * loss_cls, self.bbox_weight * loss_bbox, self.giou_weight * loss_giou
 
-    def mask_losses(self, outputs, targets, matches, layers, mask_inputs, num_gts):
-        """Dice and BCE for the given decoder layers, one mask-head call for all of them.
+    def mask_losses(self, mask_logits, mask_padding, targets, matches, layers, num_gts):
+        """Dice and BCE of the matched queries' masks, per layer.
+
+        Args:
+            mask_logits: (N, h, w) mask logits at the mask-feature stride, rows in the order
+                of :func:`matched_queries` ``(matches, layers)``.
+            mask_padding: (B, h, w) bool, True at padding.
 
         Returns:
             (dice, bce), each (len(layers),), weighted.
         """
-        feats, padding = mask_inputs["mask_feats"], mask_inputs["mask_padding"]
-        h, w = feats.shape[-2:]
+        h, w = mask_padding.shape[-2:]
         size = (self.mask_upsample * h, self.mask_upsample * w)
-        dyn, boxes = outputs["dyn_params"], outputs["pred_boxes"]
-
+        index = matched_queries(matches, layers)
+        if mask_logits.shape[0] != index["query"].numel():
+            raise ValueError(
+                f"SetCriterion: {mask_logits.shape[0]} mask logits for {index['query'].numel()} matched queries of "
+                f"layers {layers}: the model must run the mask head on matched_queries(matches, layers)"
+            )
+        device = mask_logits.device
         # targets of each image resized once, shared by all layers
         offsets, resized, start = [], [], 0
         for t in targets:
             offsets.append(start)
             start += len(t["labels"])
             if len(t["labels"]) > 0:
-                resized.append(t["masks"].to(feats.device, torch.float32))
+                resized.append(t["masks"].to(device, torch.float32))
         if resized and len({m.shape[-2:] for m in resized}) != 1:
             raise ValueError(
                 "SetCriterion: target masks must all be zero-padded to the padded batch size (H_pad, W_pad); "
                 f"got sizes {sorted({tuple(m.shape[-2:]) for m in resized})}"
             )
-
-        params, centers, img_idx, tgt_rows, layer_pos = [], [], [], [], []
-        for i, layer in enumerate(layers):
-            for b, (src, tgt) in enumerate(matches[layer]):
-                params.append(dyn[layer, b, src])
-                centers.append(boxes[layer, b, src, :2])
-                img_idx.append(torch.full_like(src, b))
-                tgt_rows.append(tgt + offsets[b])
-                layer_pos.append(torch.full_like(src, i))
-        img_idx = torch.cat(img_idx)
-        zeros = feats.new_zeros(len(layers), dtype=torch.float32)
-        if img_idx.numel() == 0:
-            # nothing matched: zero losses that still reach the mask branch and F_mask, so
-            # that every parameter gets a gradient (distributed training expects it)
-            anchor = 0.0 * (dyn[list(layers)].sum() + feats.sum())
+        zeros = mask_logits.new_zeros(len(layers), dtype=torch.float32)
+        if mask_logits.shape[0] == 0:
+            # nothing matched: zero losses that stay connected to the mask logits (the model
+            # keeps them connected to the mask branch and F_mask, so that every parameter
+            # gets a gradient, as distributed training expects)
+            anchor = 0.0 * mask_logits.sum()
             return zeros + anchor, zeros + anchor
 
-        scale = mask_inputs.get("coordinate_scale")
-        extra = {} if scale is None else {"coordinate_scale": scale}
-        logits = self.mask_head(feats, padding, torch.cat(params), torch.cat(centers), img_idx, **extra)
-        probs = aligned_bilinear(logits[:, None].float(), self.mask_upsample)[:, 0].sigmoid()
-        gt = F.interpolate(torch.cat(resized)[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
-        valid = mask_valid_pixels(padding, size)
-        dice, bce = instance_mask_losses(probs, gt[torch.cat(tgt_rows)], valid[img_idx], self.mask_loss_padding)
-        layer_pos = torch.cat(layer_pos)
+        img_idx = index["image"].to(device)
+        rows = index["target"].to(device) + torch.as_tensor(offsets, device=device)[img_idx]
+        if self.mask_loss_points:
+            dice, bce = self._point_losses(mask_logits.float(), torch.cat(resized)[rows], mask_padding[img_idx])
+        else:
+            probs = aligned_bilinear(mask_logits[:, None].float(), self.mask_upsample)[:, 0].sigmoid()
+            gt = F.interpolate(torch.cat(resized)[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+            valid = mask_valid_pixels(mask_padding, size)
+            dice, bce = instance_mask_losses(probs, gt[rows], valid[img_idx], self.mask_loss_padding)
+        # position of each row's layer among ``layers``
+        layer_pos = torch.searchsorted(torch.as_tensor(layers, device=device), index["layer"].to(device))
         dice = zeros.index_add(0, layer_pos, dice) / num_gts
         bce = zeros.index_add(0, layer_pos, bce) / num_gts
         return self.dice_weight * dice, self.bce_weight * bce
 
-    def forward(self, outputs, targets, mask_inputs=None):
+    def _point_losses(self, logits, targets, padding):
+        """Dice and mean BCE at sampled points of each mask's image (no padding)."""
+        h, w = padding.shape[-2:]
+        extent = torch.stack([(~padding[:, 0, :]).sum(1) / w, (~padding[:, :, 0]).sum(1) / h], -1)
+        points = sample_mask_points(
+            logits, extent, self.mask_loss_points, self.mask_loss_oversample, self.mask_loss_importance
+        )
+        point_logits = point_sample(logits, points)
+        point_targets = point_sample(targets.float(), points)
+        bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1)
+        return dice_loss(point_logits.sigmoid(), point_targets), bce
+
+    def forward(self, outputs, targets, matches=None):
         """
         Args:
             outputs: dict with
                 "pred_logits": (Ld, B, Q, K) class logits of every decoder layer;
                 "pred_boxes": (Ld, B, Q, 4) sigmoid (cx, cy, w, h), normalized to each
                     image's valid (unpadded) size;
-                "dyn_params": (Ld, B, Q, D) generated mask-head parameters (needed only
-                    with mask losses);
-                "enc_logits": (B, S, K) and "enc_boxes": (B, S, 4) two-stage proposals
-                    (optional or None: no "_enc" losses).
+                "enc_logits" (B, S, K) and "enc_boxes" (B, S, 4): two-stage proposals
+                    (optional or None: no "_enc" losses);
+                with mask losses, "mask_logits" (N, h, w): the mask head's logits of the
+                    matched queries of :meth:`mask_layers`, rows in the order of
+                    :func:`matched_queries`, and "mask_padding" (B, h, w) bool (True =
+                    padding).
             targets: list of B dicts with "labels" (n,) long, "boxes" (n, 4) cxcywh
                 normalized by the image's valid (w, h), "masks" (n, H_pad, W_pad) float or
                 bool, zero-padded to the padded batch image size (needed with mask losses).
-            mask_inputs: dict with "mask_feats" (B, C, h, w) F_mask at stride 8 and
-                "mask_padding" (B, h, w) bool (True = padding); needed with mask losses;
-                optionally "coordinate_scale" (B, 2) for the mask head's encoding.
+            matches: what :meth:`match` returned for these outputs (computed when None; the
+                mask logits must follow the same matches).
 
         Returns:
             dict of weighted scalar losses: "loss_cls", "loss_bbox", "loss_giou",
@@ -270,34 +471,40 @@ class SetCriterion(nn.Module):
         pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
         num_layers = pred_logits.shape[0]
         num_gts = self.num_gts(targets, pred_logits.device)
-        matches = [self.matcher(pred_logits[l], pred_boxes[l], targets) for l in range(num_layers)]
+        if matches is None:
+            matches = self.match(outputs, targets)
 
         def suffix(layer):
             return "" if layer == num_layers - 1 else f"_{layer}"
 
         losses = {}
         for layer in range(num_layers):
-            cls, bbox, giou = self.set_losses(pred_logits[layer], pred_boxes[layer], targets, matches[layer], num_gts)
+            cls, bbox, giou = self.set_losses(
+                pred_logits[layer], pred_boxes[layer], targets, matches["layers"][layer], num_gts
+            )
             s = suffix(layer)
             losses.update({f"loss_cls{s}": cls, f"loss_bbox{s}": bbox, f"loss_giou{s}": giou})
 
-        k = num_layers if self.mask_loss_layers is None else self.mask_loss_layers
-        if k > num_layers:
-            raise ValueError(f"mask_loss_layers={k} but the decoder has only {num_layers} layers")
-        if self.mask_head is not None and k > 0:
-            if mask_inputs is None or "dyn_params" not in outputs:
-                raise ValueError("mask losses need outputs['dyn_params'] and mask_inputs (mask_feats, mask_padding)")
-            layers = list(range(num_layers - k, num_layers))
-            dice, bce = self.mask_losses(outputs, targets, matches, layers, mask_inputs, num_gts)
+        layers = self.mask_layers(num_layers)
+        if layers:
+            if outputs.get("mask_logits") is None or outputs.get("mask_padding") is None:
+                raise ValueError(
+                    "mask losses need outputs['mask_logits'] (the mask head run on matched_queries(matches, "
+                    "layers)) and outputs['mask_padding']; mask_loss_layers=0 turns them off"
+                )
+            dice, bce = self.mask_losses(
+                outputs["mask_logits"], outputs["mask_padding"], targets, matches["layers"], layers, num_gts
+            )
             for i, layer in enumerate(layers):
                 s = suffix(layer)
                 losses[f"loss_mask_dice{s}"] = dice[i]
                 losses[f"loss_mask_bce{s}"] = bce[i]
 
         if outputs.get("enc_logits") is not None:
-            # proposals score objectness only: every ground truth becomes class 0
-            binary = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
-            enc_matches = self.matcher(outputs["enc_logits"], outputs["enc_boxes"], binary)
-            cls, bbox, giou = self.set_losses(outputs["enc_logits"], outputs["enc_boxes"], binary, enc_matches, num_gts)
+            binary = self._binary(targets)
+            enc = matches["enc"] if matches.get("enc") is not None else self.matcher(
+                outputs["enc_logits"], outputs["enc_boxes"], binary
+            )
+            cls, bbox, giou = self.set_losses(outputs["enc_logits"], outputs["enc_boxes"], binary, enc, num_gts)
             losses.update({"loss_cls_enc": cls, "loss_bbox_enc": bbox, "loss_giou_enc": giou})
         return losses

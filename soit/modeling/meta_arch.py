@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layers.position_encoding import inverse_sigmoid
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .criterion import matched_queries
 from .mask_head import aligned_bilinear
 from .tiling import TileDetections, paste_masks, tiled_predict
 from .transformer import TooFewTokensError
@@ -45,8 +46,9 @@ class SOIT(nn.Module):
     Data flow (one forward pass): normalise + pad -> backbone (C3..C5) -> neck (F3..F6)
     -> deformable encoder -> two-stage proposals -> decoder with box refinement -> per-layer
     class logits, boxes and dynamic parameters; mask encoder on the P3 memory -> F_mask;
-    training: criterion (matching + all losses); inference: top-k (query, class) pairs, their
-    masks only, padding cropped, resized to the original image.
+    training: matching -> masks of the matched queries -> losses (:meth:`losses`);
+    inference: top-k (query, class) pairs, their masks only, padding cropped, resized to
+    the original image.
     """
 
     def __init__(
@@ -86,7 +88,8 @@ class SOIT(nn.Module):
             transformer: the deformable encoder/decoder with two-stage proposals.
             mask_encoder: P3 memory -> F_mask (N, C_mask, h, w).
             mask_head: the instance-aware transformer, run from generated parameters.
-            criterion: matching and all losses (training only).
+            criterion: matching and loss math (training only); the model runs the mask
+                head on the queries it matched (:meth:`losses`).
             num_classes: number of object classes (sigmoid classification, no background).
             pixel_mean, pixel_std: per-channel normalisation, in ``input_format`` order and
                 0-255 units.
@@ -134,9 +137,6 @@ class SOIT(nn.Module):
         self.mask_encoder = mask_encoder
         self.mask_head = mask_head
         self.criterion = criterion
-        if criterion is not None and getattr(criterion, "mask_head", None) is None:
-            # the training losses run the very mask head used at inference
-            criterion.mask_head = mask_head
         self.num_classes = num_classes
         self.input_format = input_format
         self.with_box_refine = with_box_refine
@@ -234,8 +234,38 @@ class SOIT(nn.Module):
             images, padding = self.preprocess_image(batched_inputs)
             outputs, mask_inputs = self._heads(batched_inputs, images, padding)
             targets = self.prepare_targets(batched_inputs, images)
-            return self.criterion(outputs, targets, mask_inputs)
+            return self.losses(outputs, mask_inputs, targets)
         return self.inference(batched_inputs)
+
+    def losses(self, outputs, mask_inputs, targets):
+        """Training as inference runs: the criterion matches queries to ground truths, the
+        mask head predicts the masks of the matched queries of the layers with mask losses
+        (one call for all of them), the criterion computes the weighted losses."""
+        matches = self.criterion.match(outputs, targets)
+        layers = self.criterion.mask_layers(outputs["pred_logits"].shape[0])
+        if layers:
+            index = matched_queries(matches["layers"], layers)
+            outputs = dict(
+                outputs,
+                mask_logits=self.matched_mask_logits(outputs, mask_inputs, index),
+                mask_padding=mask_inputs["mask_padding"],
+            )
+        return self.criterion(outputs, targets, matches)
+
+    def matched_mask_logits(self, outputs, mask_inputs, index):
+        """(N, h, w) mask logits of the queries in ``index`` (:func:`matched_queries`), each
+        from its own layer's generated parameters and box centre."""
+        feats = mask_inputs["mask_feats"]
+        dyn = outputs["dyn_params"]
+        if index["query"].numel() == 0:
+            # nothing matched: an empty result still connected to the mask branch and F_mask,
+            # so that every parameter gets a (zero) gradient
+            return feats.new_zeros((0, *feats.shape[-2:])) + 0.0 * (dyn.sum() + feats.sum())
+        at = tuple(i.to(dyn.device) for i in (index["layer"], index["image"], index["query"]))
+        return self.mask_head(
+            feats, mask_inputs["mask_padding"], dyn[at], outputs["pred_boxes"][at][:, :2], at[1],
+            mask_inputs.get("coordinate_scale"),
+        )  # fmt: skip
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """Detections of each image.

@@ -175,8 +175,19 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableDecoder(nn.Module):
     """A stack of :class:`DeformableDecoderLayer` with optional iterative box refinement."""
 
-    def __init__(self, num_layers: int = 6, **layer_kwargs):
+    def __init__(self, num_layers: int = 6, look_forward_twice: bool = False, **layer_kwargs):
+        """
+        Args:
+            num_layers: decoder layers.
+            look_forward_twice: with box refinement, return each layer's reference (the
+                previous layer's boxes) with its gradient, so that layer l's box loss also
+                refines layer l-1's prediction; the layers themselves still attend around
+                detached references (DINO, Zhang et al., ICLR 2023, Sec. 3.5). Off:
+                Deformable DETR's refinement, every reference detached.
+            layer_kwargs: :class:`DeformableDecoderLayer` arguments.
+        """
         super().__init__()
+        self.look_forward_twice = look_forward_twice
         self.layers = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers))
 
     @property
@@ -204,15 +215,17 @@ class DeformableDecoder(nn.Module):
         Returns:
             hs: (num_layers, N, Q, C) the output of every layer.
             references: (num_layers, N, Q, 4) the reference each layer attended around, in
-                sigmoid space. A point reference (x, y) is stored as (x, y, 0.5, 0.5):
+                sigmoid space (with ``look_forward_twice``, not detached from the previous
+                layer's box prediction). A point reference (x, y) is stored as (x, y, 0.5, 0.5):
                 inverse_sigmoid(0.5) = 0, so adding a box delta to it in inverse-sigmoid
                 space gives the same box as adding the delta to (x, y) alone.
         """
         hs, refs = [], []
+        returned = reference  # what refs holds for this layer: detached unless look_forward_twice
         for lid, layer in enumerate(self.layers):
             if reference.shape[-1] == 4:
                 ref_input = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
-                refs.append(reference)
+                refs.append(returned)
             else:
                 ref_input = reference[:, :, None] * valid_ratios[:, None]
                 refs.append(torch.cat([reference, torch.full_like(reference, 0.5)], -1))
@@ -221,8 +234,10 @@ class DeformableDecoder(nn.Module):
             if reg_branches is not None:
                 new_reference = apply_box_delta(inverse_sigmoid(reference), reg_branches[lid](query), centre_scale)
                 # Each layer refines the previous layer's boxes, but gradients do not flow
-                # back through the chain of references (Deformable DETR's refinement).
+                # back through the chain of references (Deformable DETR's refinement);
+                # look-forward-twice lets the next layer's box loss reach this prediction.
                 reference = new_reference.sigmoid().detach()
+                returned = new_reference.sigmoid() if self.look_forward_twice else reference
         return torch.stack(hs), torch.stack(refs)
 
 
@@ -250,6 +265,8 @@ class DeformableTransformer(nn.Module):
         box_refine: bool = True,
         pos_temperature: float = 10000,
         proposal_size: float = 0.05,
+        mixed_query_selection: bool = False,
+        look_forward_twice: bool = False,
     ):
         """
         Args:
@@ -264,11 +281,21 @@ class DeformableTransformer(nn.Module):
             pos_temperature: temperature of the sine encodings.
             proposal_size: width/height of the level-0 encoder proposals, doubled per level
                 (fraction of the valid image size).
+            mixed_query_selection: two-stage only: the selected proposals give the
+                positional queries, the content queries are learned (``content_queries``)
+                instead of also coming from the proposals (DINO, Zhang et al., ICLR 2023,
+                Sec. 3.4). Off: Deformable DETR's two-stage queries (paper behaviour).
+            look_forward_twice: box refinement only: see :class:`DeformableDecoder`.
         """
         super().__init__()
         if embed_dim % 2 != 0:
             raise ValueError(f"embed_dim must be even for the sine encodings, got {embed_dim}")
+        if mixed_query_selection and not two_stage:
+            raise ValueError("mixed_query_selection selects positional queries from the encoder proposals: it needs two_stage=True")
+        if look_forward_twice and not box_refine:
+            raise ValueError("look_forward_twice changes how the box refinement is trained: it needs box_refine=True")
         self.embed_dim = embed_dim
+        self.mixed_query_selection = mixed_query_selection
         self.num_levels = num_levels
         self.num_queries = num_queries
         self.two_stage = two_stage
@@ -279,13 +306,17 @@ class DeformableTransformer(nn.Module):
         layer_kwargs.update(ffn_dim=ffn_dim, dropout=dropout)
         self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dim))
         self.encoder = DeformableEncoder(num_encoder_layers, **layer_kwargs)
-        self.decoder = DeformableDecoder(num_decoder_layers, **layer_kwargs)
+        self.decoder = DeformableDecoder(num_decoder_layers, look_forward_twice=look_forward_twice, **layer_kwargs)
         if two_stage:
             self.enc_output = nn.Linear(embed_dim, embed_dim)
             self.enc_output_norm = nn.LayerNorm(embed_dim)
             # 4 box coordinates x embed_dim / 2 sine features -> query position + content
-            self.pos_trans = nn.Linear(2 * embed_dim, 2 * embed_dim)
-            self.pos_trans_norm = nn.LayerNorm(2 * embed_dim)
+            # (position only with mixed query selection: the content queries are learned)
+            out_dim = embed_dim if mixed_query_selection else 2 * embed_dim
+            self.pos_trans = nn.Linear(2 * embed_dim, out_dim)
+            self.pos_trans_norm = nn.LayerNorm(out_dim)
+            if mixed_query_selection:
+                self.content_queries = nn.Embedding(num_queries, embed_dim)
         else:
             self.query_embedding = nn.Embedding(num_queries, 2 * embed_dim)
             self.reference_points = nn.Linear(embed_dim, 2)
@@ -299,6 +330,8 @@ class DeformableTransformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embeds)
+        if self.mixed_query_selection:
+            nn.init.normal_(self.content_queries.weight)
         if not self.two_stage:
             nn.init.normal_(self.query_embedding.weight)
             nn.init.zeros_(self.reference_points.bias)
@@ -451,7 +484,10 @@ class DeformableTransformer(nn.Module):
             pos_trans = self.pos_trans_norm(
                 self.pos_trans(box_sine_embedding(embedded, c // 2, self.pos_temperature))
             )
-            query_pos, query = torch.split(pos_trans, c, dim=2)
+            if self.mixed_query_selection:
+                query_pos, query = pos_trans, self.content_queries.weight[None].expand(n, -1, -1)
+            else:
+                query_pos, query = torch.split(pos_trans, c, dim=2)
             out["enc_outputs_class"] = enc_class
             out["enc_outputs_coord"] = enc_coord_unact.sigmoid()
         else:

@@ -1,6 +1,7 @@
 """SetCriterion: loss keys, empty images, mask-loss layers and padding, hand-computed values."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ from soit.modeling.criterion import (
     dice_loss,
     instance_mask_losses,
     mask_valid_pixels,
+    matched_queries,
     sigmoid_focal_loss,
 )
 from soit.modeling.mask_head import InstanceAwareMaskHead
 from soit.modeling.matcher import HungarianMatcher
+from soit.modeling.meta_arch import SOIT
 
 SET_KEYS = ("loss_cls", "loss_bbox", "loss_giou")
 MASK_KEYS = ("loss_mask_dice", "loss_mask_bce")
@@ -55,7 +58,14 @@ def make_batch(counts, Ld=3, Q=6, K=4, h=4, w=5, valid=None, seed=0, enc=True):
 
 
 def criterion(**kwargs):
-    return SetCriterion(4, HungarianMatcher(), InstanceAwareMaskHead(), **kwargs)
+    return SetCriterion(4, HungarianMatcher(), **kwargs)
+
+
+def run_losses(crit, outputs, targets, mask_inputs, head=None):
+    """What SOIT.losses does: match, the mask head on the matched queries, the losses."""
+    model = SimpleNamespace(criterion=crit, mask_head=head or InstanceAwareMaskHead())
+    model.matched_mask_logits = lambda *args: SOIT.matched_mask_logits(model, *args)
+    return SOIT.losses(model, outputs, mask_inputs, targets)
 
 
 def expected_keys(Ld, mask_layers, enc=True):
@@ -105,7 +115,7 @@ class ConstantMaskHead(nn.Module):
 
     num_dynamic_params = 3
 
-    def forward(self, mask_feats, mask_padding, dyn_params, centers, batch_index):
+    def forward(self, mask_feats, mask_padding, dyn_params, centers, batch_index, coordinate_scale=None):
         h, w = mask_feats.shape[-2:]
         return dyn_params[:, :1, None].expand(-1, h, w)
 
@@ -127,9 +137,9 @@ def test_hand_made_case(padding_mode, padded):
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.5, 0.4, 0.4]]), "masks": masks}]
     pad = torch.zeros(1, 2, 3, dtype=torch.bool)
     pad[:, :, 2] = padded
-    crit = SetCriterion(2, HungarianMatcher(), ConstantMaskHead(), mask_loss_padding=padding_mode)
+    crit = SetCriterion(2, HungarianMatcher(), mask_loss_padding=padding_mode)
     out = {"pred_logits": logits, "pred_boxes": boxes, "dyn_params": dyn}
-    losses = crit(out, targets, {"mask_feats": torch.zeros(1, 8, 2, 3), "mask_padding": pad})
+    losses = run_losses(crit, out, targets, {"mask_feats": torch.zeros(1, 8, 2, 3), "mask_padding": pad}, ConstantMaskHead())
 
     def sig(x):
         return 1 / (1 + math.exp(-x))
@@ -155,7 +165,7 @@ def test_hand_made_case(padding_mode, padded):
 # ---------------------------------------------------------------- keys, layers, empty images
 def test_all_keys_and_backward():
     outputs, targets, mask_inputs = make_batch([2, 3])
-    losses = criterion()(outputs, targets, mask_inputs)
+    losses = run_losses(criterion(), outputs, targets, mask_inputs)
     assert set(losses) == expected_keys(3, 3)
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     sum(losses.values()).backward()
@@ -166,13 +176,13 @@ def test_all_keys_and_backward():
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_mask_loss_layers(k):
     outputs, targets, mask_inputs = make_batch([2, 1])
-    losses = criterion(mask_loss_layers=k)(outputs, targets, mask_inputs)
+    losses = run_losses(criterion(mask_loss_layers=k), outputs, targets, mask_inputs)
     assert set(losses) == expected_keys(3, k)
-    full = criterion()(outputs, targets, mask_inputs)
+    full = run_losses(criterion(), outputs, targets, mask_inputs)
     for key in losses:
         torch.testing.assert_close(losses[key], full[key])
     with pytest.raises(ValueError, match="mask_loss_layers"):
-        criterion(mask_loss_layers=4)(outputs, targets, mask_inputs)
+        run_losses(criterion(mask_loss_layers=4), outputs, targets, mask_inputs)
 
 
 def test_one_mask_head_call_for_all_layers_and_images():
@@ -180,17 +190,17 @@ def test_one_mask_head_call_for_all_layers_and_images():
     head = InstanceAwareMaskHead()
     head.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
     outputs, targets, mask_inputs = make_batch([2, 0, 3], Ld=4)
-    SetCriterion(4, HungarianMatcher(), head)(outputs, targets, mask_inputs)
+    run_losses(SetCriterion(4, HungarianMatcher()), outputs, targets, mask_inputs, head)
     assert calls == [4 * 5]
 
 
 def test_each_layer_uses_its_own_box_centre():
     # one query per image and one ground truth: the matching cannot change with the boxes
     outputs, targets, mask_inputs = make_batch([1], Ld=2, Q=1)
-    before = criterion()(outputs, targets, mask_inputs)
+    before = run_losses(criterion(), outputs, targets, mask_inputs)
     with torch.no_grad():
         outputs["pred_boxes"][0, :, :, :2] += 0.1
-    after = criterion()(outputs, targets, mask_inputs)
+    after = run_losses(criterion(), outputs, targets, mask_inputs)
     for key in MASK_KEYS:
         assert not torch.allclose(before[key + "_0"], after[key + "_0"])
         torch.testing.assert_close(before[key], after[key])
@@ -199,13 +209,13 @@ def test_each_layer_uses_its_own_box_centre():
 def test_image_without_annotations():
     outputs, targets, mask_inputs = make_batch([0, 2], enc=True)
     crit = criterion()
-    losses = crit(outputs, targets, mask_inputs)
+    losses = run_losses(crit, outputs, targets, mask_inputs)
     assert set(losses) == expected_keys(3, 3)
     assert all(torch.isfinite(v) for v in losses.values())
     # the empty image adds only its (all-negative) classification terms
     single = {k: (v[:, 1:] if k.startswith("pred") or k == "dyn_params" else v[1:]) for k, v in outputs.items()}
     single_inputs = {k: v[1:] for k, v in mask_inputs.items()}
-    alone = crit(single, targets[1:], single_inputs)
+    alone = run_losses(crit, single, targets[1:], single_inputs)
     for key, value in losses.items():
         if key.startswith("loss_cls"):
             logits = outputs["enc_logits"][0] if key.endswith("_enc") else None
@@ -220,7 +230,7 @@ def test_image_without_annotations():
 
 def test_batch_without_any_annotation():
     outputs, targets, mask_inputs = make_batch([0, 0])
-    losses = criterion()(outputs, targets, mask_inputs)
+    losses = run_losses(criterion(), outputs, targets, mask_inputs)
     assert all(torch.isfinite(v) for v in losses.values())
     for key, value in losses.items():
         if not key.startswith("loss_cls"):
@@ -232,10 +242,10 @@ def test_batch_without_any_annotation():
 
 def test_encoder_proposals_use_binary_labels():
     outputs, targets, mask_inputs = make_batch([2, 1], K=3)
-    losses = criterion()(outputs, targets, mask_inputs)
+    losses = run_losses(criterion(), outputs, targets, mask_inputs)
     binary = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
     as_decoder = {"pred_logits": outputs["enc_logits"][None], "pred_boxes": outputs["enc_boxes"][None]}
-    ref = SetCriterion(3, HungarianMatcher(), None)(as_decoder, binary)
+    ref = SetCriterion(3, HungarianMatcher(), mask_loss_layers=0)(as_decoder, binary)
     for key in SET_KEYS:
         torch.testing.assert_close(losses[key + "_enc"], ref[key])
 
@@ -243,9 +253,35 @@ def test_encoder_proposals_use_binary_labels():
 def test_bad_options():
     with pytest.raises(ValueError, match="mask_loss_padding"):
         criterion(mask_loss_padding="crop")
-    outputs, targets, _ = make_batch([1])
-    with pytest.raises(ValueError, match="mask_inputs"):
+    with pytest.raises(ValueError, match="model runs its mask head"):
+        SetCriterion(4, HungarianMatcher(), InstanceAwareMaskHead())
+    outputs, targets, mask_inputs = make_batch([1])
+    with pytest.raises(ValueError, match="mask_logits"):
         criterion()(outputs, targets)
+    crit = criterion()
+    matches = crit.match(outputs, targets)
+    wrong = dict(outputs, mask_logits=torch.zeros(2, 4, 5), mask_padding=mask_inputs["mask_padding"])
+    with pytest.raises(ValueError, match="2 mask logits for 3 matched queries"):
+        crit(wrong, targets, matches)
+
+
+def test_the_criterion_needs_no_mask_head():
+    """Mask logits given directly: the losses are those of the same logits through SOIT."""
+    outputs, targets, mask_inputs = make_batch([2, 1])
+    crit = criterion(mask_loss_layers=2)
+    matches = crit.match(outputs, targets)
+    index = matched_queries(matches["layers"], crit.mask_layers(3))
+    assert index["layer"].tolist() == [1] * 3 + [2] * 3 and index["image"].tolist() == [0, 0, 1] * 2
+    head = InstanceAwareMaskHead()
+    at = (index["layer"], index["image"], index["query"])
+    logits = head(mask_inputs["mask_feats"], mask_inputs["mask_padding"], outputs["dyn_params"][at],
+                  outputs["pred_boxes"][at][:, :2], index["image"])  # fmt: skip
+    given = dict(outputs, mask_logits=logits, mask_padding=mask_inputs["mask_padding"])
+    direct = crit(given, targets, matches)
+    through_model = run_losses(crit, outputs, targets, mask_inputs, head)
+    assert direct.keys() == through_model.keys()
+    for key in direct:
+        torch.testing.assert_close(direct[key], through_model[key])
 
 
 # ---------------------------------------------------------------- padding in the mask losses
@@ -285,7 +321,7 @@ def test_criterion_padding_modes_with_the_real_head():
     changed["mask_feats"] = feats
     for mode, same in (("exclude", True), ("official", False)):
         crit = criterion(mask_loss_padding=mode)
-        l1, l2 = crit(outputs, targets, mask_inputs), crit(outputs, targets, changed)
+        l1, l2 = run_losses(crit, outputs, targets, mask_inputs), run_losses(crit, outputs, targets, changed)
         for key in l1:
             if key.startswith("loss_mask"):
                 assert torch.allclose(l1[key], l2[key], rtol=1e-6, atol=1e-7) == same, (mode, key)
