@@ -15,7 +15,7 @@ def test_benchmark_trains_soit_and_mask_rcnn_and_prints_tables(nuclei, tmp_path)
     args += ["--test-json", nuclei["val_json"], "--test-images", nuclei["image_root"]]
     args += ["--soit", "tiny=configs/quickstart/soit_nuclei_cpu.py", "model.transformer.num_queries=50"]
     args += ["--inference", "tiled", "tile_size=256", "tile_overlap=64"]
-    args += ["--max-iter", "2", "--seeds", "0", "1", "--test-scales", "1", "0.5", "--output", str(out)]
+    args += ["--max-iter", "2", "--seeds", "0", "1", "--test-scales", "1", "0.5", "--output", str(out), "--save-models"]
     res = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())["results"]
@@ -33,6 +33,20 @@ def test_benchmark_trains_soit_and_mask_rcnn_and_prints_tables(nuclei, tmp_path)
     assert "| tiny/tiled | 2 |" in res.stdout
     assert "| mask_rcnn | 1 | " in res.stdout and "1x bbox / segm | 0.5x bbox / segm" in res.stdout
     assert res.stdout.strip().endswith((out / "results.md").read_text().strip())
+
+    # each seed's saved model, evaluated again without training ("{seed}" in the override)
+    again = tmp_path / "again"
+    args = ["--train-json", nuclei["train_json"], "--train-images", nuclei["image_root"]]
+    args += ["--test-json", nuclei["val_json"], "--test-images", nuclei["image_root"], "--no-mask-rcnn"]
+    args += ["--soit", "tiny=configs/quickstart/soit_nuclei_cpu.py", "model.transformer.num_queries=50",
+             f"train.init_checkpoint={out}/models/tiny_seed{{seed}}.pth"]  # fmt: skip
+    args += ["--seconds", "0", "--seeds", "0", "1", "--test-scales", "1", "0.5", "--output", str(again)]
+    res = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    evaluated = json.loads((again / "results.json").read_text())["results"]["tiny"]
+    for first, second in zip(results["tiny"], evaluated):
+        # as text: NaN (no detection) equals NaN there
+        assert second["iterations"] == 0 and json.dumps(second["ap"]) == json.dumps(first["ap"])
 
 
 def test_benchmark_names_bad_arguments(tmp_path):

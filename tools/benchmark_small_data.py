@@ -155,11 +155,12 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
-def load_soit_config(row):
+def load_soit_config(row, seed=0):
+    """A SOIT row's config; "{seed}" in an override is ``seed`` (train.init_checkpoint=models/x_seed{seed}.pth)."""
     from soit.checkpoint.safe_load import load_config
     from soit.engine.overrides import apply_overrides
 
-    return apply_overrides(load_config(row["config"]), row["overrides"])
+    return apply_overrides(load_config(row["config"]), [o.replace("{seed}", str(seed)) for o in row["overrides"]])
 
 
 def soit_setup(row, num_classes, seed, evaluate_only=False):
@@ -168,8 +169,7 @@ def soit_setup(row, num_classes, seed, evaluate_only=False):
     from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
     from detectron2.data.samplers import TrainingSampler
 
-    # "{seed}" in an override is this seed: train.init_checkpoint=models/x_seed{seed}.pth
-    cfg = load_soit_config(dict(row, overrides=[o.replace("{seed}", str(seed)) for o in row["overrides"]]))
+    cfg = load_soit_config(row, seed)
     cfg.model.num_classes = num_classes
     seed_all(seed)
     model = instantiate(cfg.model)
@@ -330,7 +330,7 @@ def main(argv=None):
     results = {}
     order = ([] if args.no_mask_rcnn else ["mask_rcnn"]) + [r["name"] for r in args.rows]
     # the data pipeline of every row, Mask R-CNN included, is the first SOIT config's
-    first = load_soit_config(args.rows[0])
+    first = load_soit_config(args.rows[0], args.seeds[0])
     augmentation_cfg = first.dataloader.train.mapper.augmentation
     batch_size = first.dataloader.train.total_batch_size
     for name in order:
