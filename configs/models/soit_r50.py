@@ -40,6 +40,7 @@ model = L(SOIT)(
         # training options beyond the paper (projects/SOIT/README.md), off = the paper
         mixed_query_selection=False,  # DINO: learned content queries, positional from proposals
         look_forward_twice=False,  # DINO: a layer's box loss also refines the previous layer's box
+        num_queries_one2many=0,  # H-DETR: training-only queries matched one-to-many (e.g. 1500)
     ),
     # paper Table 4: mask-encoder layers (0 = Linear + LayerNorm on P3 only)
     mask_encoder=L(MaskEncoder)(
@@ -61,7 +62,13 @@ model = L(SOIT)(
         mask_loss_padding="exclude",
         # "focal" (paper) or IoU-aware classification: "varifocal", "ia_bce" (model card)
         cls_loss="focal",
+        mask_loss_points=0,  # 0: dense Dice + BCE (paper); P: at P sampled points per mask
+        one2many_repeats=6,  # H-DETR, with transformer.num_queries_one2many > 0
+        one2many_weight=1.0,
     ),
+    # denoising queries with masks (DN-DETR / DINO / Mask DINO): None = off (the paper), or
+    # L(DenoisingQueries)(num_classes="${..num_classes}", embed_dim="${..embed_dim}", groups=5)
+    denoising=None,
     num_classes=80,
     # the official model takes RGB with torchvision's ImageNet statistics
     pixel_mean=[123.675, 116.28, 103.53],

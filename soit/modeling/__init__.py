@@ -1,4 +1,5 @@
 from .criterion import SetCriterion
+from .denoising import DenoisingQueries
 from .mask_encoder import MaskEncoder
 from .mask_head import InstanceAwareMaskHead
 from .matcher import HungarianMatcher
@@ -10,6 +11,7 @@ __all__ = [
     "SOIT",
     "ChannelMapper",
     "DeformableTransformer",
+    "DenoisingQueries",
     "MaskEncoder",
     "InstanceAwareMaskHead",
     "HungarianMatcher",

@@ -242,6 +242,10 @@ class SetCriterion(nn.Module):
             ``mask_loss_importance``), which cuts the criterion's memory and time when many
             queries have mask losses (PointRend / Mask2Former). The points lie in the image,
             never in the padding, so it needs ``mask_loss_padding="exclude"``.
+        one2many_repeats, one2many_weight: for a one-to-many query group
+            (``transformer.num_queries_one2many``, H-DETR, Jia et al., CVPR 2023): each
+            ground truth is repeated this many times for its matching, and its losses are
+            multiplied by the weight (H-DETR: 6 and 1.0). Unused without that group.
     """
 
     def __init__(
@@ -266,6 +270,8 @@ class SetCriterion(nn.Module):
         mask_loss_points=0,
         mask_loss_oversample=3.0,
         mask_loss_importance=0.75,
+        one2many_repeats=6,
+        one2many_weight=1.0,
     ):
         super().__init__()
         if mask_head is not None:
@@ -306,6 +312,10 @@ class SetCriterion(nn.Module):
         self.mask_loss_padding = mask_loss_padding
         self.mask_upsample = mask_upsample
         self.mask_loss_points = mask_loss_points
+        if one2many_repeats < 1:
+            raise ValueError(f"one2many_repeats must be >= 1, got {one2many_repeats}")
+        self.one2many_repeats = one2many_repeats
+        self.one2many_weight = one2many_weight
         self.mask_loss_oversample = mask_loss_oversample
         self.mask_loss_importance = mask_loss_importance
 
@@ -443,7 +453,7 @@ class SetCriterion(nn.Module):
         bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1)
         return dice_loss(point_logits.sigmoid(), point_targets), bce
 
-    def forward(self, outputs, targets, matches=None):
+    def forward(self, outputs, targets, matches=None, num_gts=None):
         """
         Args:
             outputs: dict with
@@ -461,6 +471,7 @@ class SetCriterion(nn.Module):
                 bool, zero-padded to the padded batch image size (needed with mask losses).
             matches: what :meth:`match` returned for these outputs (computed when None; the
                 mask logits must follow the same matches).
+            num_gts: the normaliser of every loss (default: :meth:`num_gts` of ``targets``).
 
         Returns:
             dict of weighted scalar losses: "loss_cls", "loss_bbox", "loss_giou",
@@ -470,7 +481,8 @@ class SetCriterion(nn.Module):
         """
         pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
         num_layers = pred_logits.shape[0]
-        num_gts = self.num_gts(targets, pred_logits.device)
+        if num_gts is None:
+            num_gts = self.num_gts(targets, pred_logits.device)
         if matches is None:
             matches = self.match(outputs, targets)
 

@@ -1,7 +1,7 @@
 """The SOIT meta-architecture: detectron2 dicts in, a loss dict or ``Instances`` out."""
 import copy
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from .transformer import TooFewTokensError
 
 __all__ = ["SOIT", "MLP", "soit_postprocess", "REFERENCE_PARTS"]
 
+# per-query outputs of the heads, (Ld, B, Q, ...): what the query groups split
+QUERY_OUTPUTS = ("pred_logits", "pred_boxes", "dyn_params")
 # the parts of the model that reference_size makes measure pixels (docs/scale.md)
 REFERENCE_PARTS = ("position", "proposals", "queries", "deltas", "mask")
 
@@ -78,6 +80,7 @@ class SOIT(nn.Module):
         tile_merge_threshold: float = 0.5,
         reference_size: int = 0,
         reference_parts: Sequence[str] = REFERENCE_PARTS,
+        denoising: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -126,6 +129,10 @@ class SOIT(nn.Module):
                 (two-stage proposal sizes), "queries" (box embedding of the two-stage
                 queries), "deltas" (centre deltas of proposals and refinement), "mask"
                 (the mask head's relative encoding). All by default.
+            denoising: None (the paper), or a :class:`~soit.modeling.denoising.DenoisingQueries`:
+                in training, noised ground truths become extra decoder queries whose class,
+                box and mask losses (suffix "_dn") reconstruct their ground truth (DN-DETR,
+                DINO, Mask DINO). Needs ``two_stage``. Inference never runs them.
         """
         super().__init__()
         if inference_padding not in ("crop", "official"):
@@ -162,6 +169,9 @@ class SOIT(nn.Module):
             )
         self.reference_size = reference_size
         self.reference_parts = tuple(reference_parts)
+        if denoising is not None and not two_stage:
+            raise ValueError("denoising queries need two_stage=True (their positions are embedded as the proposals')")
+        self.denoising = denoising
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -232,16 +242,62 @@ class SOIT(nn.Module):
         """
         if self.training:
             images, padding = self.preprocess_image(batched_inputs)
-            outputs, mask_inputs = self._heads(batched_inputs, images, padding)
             targets = self.prepare_targets(batched_inputs, images)
-            return self.losses(outputs, mask_inputs, targets)
+            dn = self.denoising(targets) if self.denoising is not None else None
+            outputs, mask_inputs = self._heads(batched_inputs, images, padding, dn)
+            losses = self.losses(outputs, mask_inputs, targets, 0 if dn is None else dn["query"].shape[1])
+            if dn is not None:
+                losses.update(self.denoising_losses(outputs, mask_inputs, targets, dn))
+            return losses
         return self.inference(batched_inputs)
 
-    def losses(self, outputs, mask_inputs, targets):
+    def losses(self, outputs, mask_inputs, targets, num_dn=0):
         """Training as inference runs: the criterion matches queries to ground truths, the
         mask head predicts the masks of the matched queries of the layers with mask losses
-        (one call for all of them), the criterion computes the weighted losses."""
-        matches = self.criterion.match(outputs, targets)
+        (one call for all of them), the criterion computes the weighted losses.
+
+        With a one-to-many query group (``transformer.num_queries_one2many``, H-DETR), that
+        group is matched against every ground truth repeated ``criterion.one2many_repeats``
+        times and adds the same losses with the suffix "_one2many", multiplied by
+        ``criterion.one2many_weight``. The first ``num_dn`` queries (denoising) are left
+        to :meth:`denoising_losses`.
+        """
+        q = self.transformer.num_queries
+        groups = {k: outputs[k] for k in QUERY_OUTPUTS}
+        one2one = dict(outputs, **{k: v[:, :, num_dn : num_dn + q] for k, v in groups.items()})
+        losses = self._set_losses(one2one, mask_inputs, targets)
+        if outputs["pred_logits"].shape[2] <= num_dn + q:
+            return losses
+        one2many = {k: v[:, :, num_dn + q :] for k, v in groups.items()}
+        k = self.criterion.one2many_repeats
+        repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        matches = self.criterion.match(one2many, repeated)
+        # the i-th copy of ground truth j is ground truth j: masks are not repeated in memory
+        counts = [len(t["labels"]) for t in targets]
+        matches["layers"] = [
+            [(src, tgt % max(n, 1)) for (src, tgt), n in zip(layer, counts)] for layer in matches["layers"]
+        ]
+        num_gts = self.criterion.num_gts(repeated, one2many["pred_logits"].device)
+        extra = self._set_losses(one2many, mask_inputs, targets, matches, num_gts)
+        losses.update({f"{name}_one2many": self.criterion.one2many_weight * v for name, v in extra.items()})
+        return losses
+
+    def denoising_losses(self, outputs, mask_inputs, targets, dn):
+        """Class, box and mask losses of the denoising queries (suffix "_dn"): each positive
+        against the ground truth it was noised from, every other denoising query toward "no
+        object"; normalised by the ground truths of all groups."""
+        num_dn = dn["query"].shape[1]
+        queries = {k: outputs[k][:, :, :num_dn] for k in QUERY_OUTPUTS}
+        num_layers = queries["pred_logits"].shape[0]
+        matches = {"layers": [dn["matches"]] * num_layers, "enc": None}
+        num_gts = self.criterion.num_gts(targets, queries["pred_logits"].device) * dn["groups"]
+        losses = self._set_losses(queries, mask_inputs, targets, matches, num_gts)
+        return {f"{name}_dn": self.denoising.loss_weight * v for name, v in losses.items()}
+
+    def _set_losses(self, outputs, mask_inputs, targets, matches=None, num_gts=None):
+        """Losses of one query set: match (unless given), masks of the matched queries, losses."""
+        if matches is None:
+            matches = self.criterion.match(outputs, targets)
         layers = self.criterion.mask_layers(outputs["pred_logits"].shape[0])
         if layers:
             index = matched_queries(matches["layers"], layers)
@@ -250,7 +306,7 @@ class SOIT(nn.Module):
                 mask_logits=self.matched_mask_logits(outputs, mask_inputs, index),
                 mask_padding=mask_inputs["mask_padding"],
             )
-        return self.criterion(outputs, targets, matches)
+        return self.criterion(outputs, targets, matches, num_gts)
 
     def matched_mask_logits(self, outputs, mask_inputs, index):
         """(N, h, w) mask logits of the queries in ``index`` (:func:`matched_queries`), each
@@ -342,10 +398,10 @@ class SOIT(nn.Module):
             )
         return detections
 
-    def _heads(self, batched_inputs, images: ImageList, padding: torch.Tensor):
+    def _heads(self, batched_inputs, images: ImageList, padding: torch.Tensor, denoising=None):
         """:meth:`forward_heads`; an input too small for the queries is named."""
         try:
-            return self.forward_heads(images.tensor, padding)
+            return self.forward_heads(images.tensor, padding, denoising)
         except TooFewTokensError as e:
             names = [x.get("file_name", f"input {i}") for i, x in enumerate(batched_inputs)]
             sizes = [f"{w}x{h}" for h, w in images.image_sizes]
@@ -354,12 +410,14 @@ class SOIT(nn.Module):
                 f"to {images.tensor.shape[-1]}x{images.tensor.shape[-2]}): {e}"
             ) from e
 
-    def forward_heads(self, images: torch.Tensor, padding: torch.Tensor):
+    def forward_heads(self, images: torch.Tensor, padding: torch.Tensor, denoising: Optional[Dict] = None):
         """Everything from pixels to per-layer predictions (no detectron2 structures).
 
         Args:
             images: (B, 3, Hp, Wp) normalised, padded batch.
             padding: (B, Hp, Wp) bool, True at padding.
+            denoising: training only: denoising queries (:class:`DenoisingQueries` output),
+                which come first among the Q queries of the outputs.
 
         Returns:
             outputs: dict of "pred_logits" (Ld, B, Q, K), "pred_boxes" (Ld, B, Q, 4) cxcywh
@@ -372,8 +430,9 @@ class SOIT(nn.Module):
         masks = [F.interpolate(padding[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
         scale = self.coordinate_scale(padding)
         out = self.transformer(
-            feats, masks, self.cls_branches, self.reg_branches, coordinate_scale=scale, scale_parts=self.reference_parts
-        )
+            feats, masks, self.cls_branches, self.reg_branches,
+            coordinate_scale=scale, scale_parts=self.reference_parts, denoising=denoising,
+        )  # fmt: skip
 
         hs = out["hs"]  # (Ld, B, Q, C)
         centre_scale = scale[:, None] if scale is not None and "deltas" in self.reference_parts else None

@@ -26,6 +26,7 @@ __all__ = [
     "DeformableDecoder",
     "DeformableTransformer",
     "TooFewTokensError",
+    "query_group_mask",
     "valid_ratios_from_mask",
     "encoder_reference_points",
     "flatten_spatial_shapes",
@@ -71,6 +72,20 @@ def flatten_spatial_shapes(features: Sequence[torch.Tensor]):
     shapes = torch.stack([torch._shape_as_tensor(f)[-2:] for f in features]).to(features[0].device)
     start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     return shapes, start
+
+
+def query_group_mask(num_total, num_dn, dn_groups, num_one2one, device=None):
+    """(num_total, num_total) bool self-attention mask of the decoder's query groups, True
+    where query i must not attend to query j. The queries are, in order: ``num_dn``
+    denoising queries in ``dn_groups`` equal groups, ``num_one2one`` one-to-one queries, and
+    the rest (the one-to-many group). Each group sees itself; a denoising group also sees
+    the one-to-one queries (which see neither the denoising nor the one-to-many queries)."""
+    index = torch.arange(num_total, device=device)
+    group = torch.where(index < num_dn, index // max(num_dn // max(dn_groups, 1), 1), index.new_full((), -1))
+    group = torch.where(index >= num_dn + num_one2one, index.new_full((), -2), group)
+    one2one = (index >= num_dn) & (index < num_dn + num_one2one)
+    allowed = (group[:, None] == group[None, :]) | ((index < num_dn)[:, None] & one2one[None, :])
+    return ~allowed
 
 
 class TooFewTokensError(ValueError):
@@ -148,8 +163,9 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(embed_dim)
 
     def forward(
-        self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask=None
-    ):
+        self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask=None,
+        self_attn_mask=None,
+    ):  # fmt: skip
         """
         Args:
             query: (N, Q, C) content queries; query_pos: (N, Q, C) their positional part,
@@ -158,12 +174,14 @@ class DeformableDecoderLayer(nn.Module):
             reference_points: (N, Q, L, 2) points or (N, Q, L, 4) boxes, per-level normalized.
             memory: (N, S, C) encoder output (cross-attention value).
             spatial_shapes, level_start_index, memory_padding_mask: as in the encoder.
+            self_attn_mask: None or (Q, Q) bool, True where query i must not attend to j
+                (separates query groups that are trained apart).
 
         Returns:
             (N, Q, C).
         """
         q = k = query + query_pos
-        attn = self.self_attn(q, k, query, need_weights=False)[0]
+        attn = self.self_attn(q, k, query, attn_mask=self_attn_mask, need_weights=False)[0]
         query = self.norm1(query + self.dropout1(attn))
         attn = self.cross_attn(
             query + query_pos, reference_points, memory, spatial_shapes, level_start_index, memory_padding_mask
@@ -197,6 +215,7 @@ class DeformableDecoder(nn.Module):
     def forward(
         self, query, query_pos, reference, memory, spatial_shapes, level_start_index, valid_ratios,
         memory_padding_mask=None, reg_branches: Optional[Sequence[nn.Module]] = None, centre_scale=None,
+        self_attn_mask=None,
     ):  # fmt: skip
         """
         Args:
@@ -211,6 +230,8 @@ class DeformableDecoder(nn.Module):
                 reference is detached before the next layer.
             centre_scale: None or (N, 1, 2): centre deltas are divided by it (see
                 :func:`~soit.modeling.box_ops.apply_box_delta`).
+            self_attn_mask: None or (Q, Q) bool for every layer's self-attention (see
+                :class:`DeformableDecoderLayer`).
 
         Returns:
             hs: (num_layers, N, Q, C) the output of every layer.
@@ -229,7 +250,9 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_input = reference[:, :, None] * valid_ratios[:, None]
                 refs.append(torch.cat([reference, torch.full_like(reference, 0.5)], -1))
-            query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask)
+            query = layer(
+                query, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask, self_attn_mask
+            )
             hs.append(query)
             if reg_branches is not None:
                 new_reference = apply_box_delta(inverse_sigmoid(reference), reg_branches[lid](query), centre_scale)
@@ -267,6 +290,7 @@ class DeformableTransformer(nn.Module):
         proposal_size: float = 0.05,
         mixed_query_selection: bool = False,
         look_forward_twice: bool = False,
+        num_queries_one2many: int = 0,
     ):
         """
         Args:
@@ -286,18 +310,29 @@ class DeformableTransformer(nn.Module):
                 instead of also coming from the proposals (DINO, Zhang et al., ICLR 2023,
                 Sec. 3.4). Off: Deformable DETR's two-stage queries (paper behaviour).
             look_forward_twice: box refinement only: see :class:`DeformableDecoder`.
+            num_queries_one2many: two-stage only: in training, this many more proposals
+                become a second query group, which the decoder's self-attention keeps apart
+                from the first (neither attends to the other) and which the loss matches
+                one-to-many (H-DETR's hybrid matching, Jia et al., CVPR 2023). In eval mode
+                only the ``num_queries`` one-to-one queries run. 0: off (paper behaviour).
         """
         super().__init__()
         if embed_dim % 2 != 0:
             raise ValueError(f"embed_dim must be even for the sine encodings, got {embed_dim}")
         if mixed_query_selection and not two_stage:
             raise ValueError("mixed_query_selection selects positional queries from the encoder proposals: it needs two_stage=True")
+        if num_queries_one2many < 0 or (num_queries_one2many and not two_stage):
+            raise ValueError(
+                f"num_queries_one2many={num_queries_one2many}: the one-to-many query group comes from the encoder "
+                "proposals: it needs two_stage=True and a value >= 0"
+            )
         if look_forward_twice and not box_refine:
             raise ValueError("look_forward_twice changes how the box refinement is trained: it needs box_refine=True")
         self.embed_dim = embed_dim
         self.mixed_query_selection = mixed_query_selection
         self.num_levels = num_levels
         self.num_queries = num_queries
+        self.num_queries_one2many = num_queries_one2many
         self.two_stage = two_stage
         self.box_refine = box_refine
         self.pos_temperature = pos_temperature
@@ -316,7 +351,7 @@ class DeformableTransformer(nn.Module):
             self.pos_trans = nn.Linear(2 * embed_dim, out_dim)
             self.pos_trans_norm = nn.LayerNorm(out_dim)
             if mixed_query_selection:
-                self.content_queries = nn.Embedding(num_queries, embed_dim)
+                self.content_queries = nn.Embedding(num_queries + num_queries_one2many, embed_dim)
         else:
             self.query_embedding = nn.Embedding(num_queries, 2 * embed_dim)
             self.reference_points = nn.Linear(embed_dim, 2)
@@ -375,6 +410,13 @@ class DeformableTransformer(nn.Module):
         output_memory = memory.masked_fill(invalid, 0.0)
         return self.enc_output_norm(self.enc_output(output_memory)), proposals
 
+    def embed_boxes(self, boxes, scale=None):
+        """Query embedding of (N, n, 4) boxes in sigmoid space: the sine embedding of the
+        box through ``pos_trans`` (two-stage); its first ``embed_dim`` channels are the
+        positional query. ``scale``: (N, 2) factors of the embedded coordinates or None."""
+        embedded = boxes if scale is None else boxes * scale.repeat(1, 2)[:, None]
+        return self.pos_trans_norm(self.pos_trans(box_sine_embedding(embedded, self.embed_dim // 2, self.pos_temperature)))
+
     def forward(
         self,
         features: Sequence[torch.Tensor],
@@ -383,6 +425,7 @@ class DeformableTransformer(nn.Module):
         reg_branches: Optional[Sequence[nn.Module]] = None,
         coordinate_scale: Optional[torch.Tensor] = None,
         scale_parts: Sequence[str] = (),
+        denoising: Optional[Dict[str, torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -403,10 +446,18 @@ class DeformableTransformer(nn.Module):
                 (centre deltas of the proposals and of the refinement). With it, these see
                 pixel distances in units of the reference size instead of fractions of the
                 image; for an image of the reference size nothing changes.
+            denoising: two-stage only, training: denoising queries put before the others
+                (:class:`~soit.modeling.denoising.DenoisingQueries`): "query" (N, D, C)
+                content, "reference" (N, D, 4) noised boxes in sigmoid space, "groups" G.
+                Their positional queries embed their boxes as the proposals' do. The
+                self-attention mask lets the other queries never see them and a
+                denoising group see only itself and the one-to-one queries (DN-DETR).
 
         Returns:
             A dict of tensors:
-            - ``hs`` (num_decoder_layers, N, Q, C): decoder outputs of every layer.
+            - ``hs`` (num_decoder_layers, N, Q, C): decoder outputs of every layer. In
+              training Q may count several groups, in this order: the D denoising queries,
+              the one-to-one queries, the ``num_queries_one2many`` group.
             - ``init_reference`` (N, Q, 4) boxes (two-stage) or (N, Q, 2) points, sigmoid space.
             - ``inter_references`` (num_decoder_layers, N, Q, 4): the reference of every
               layer, sigmoid space (points padded with w = h = 0.5; see
@@ -469,36 +520,46 @@ class DeformableTransformer(nn.Module):
             output_memory, proposals = self.gen_encoder_proposals(memory, masks, mask_flat, scale_for("proposals"))
             enc_class = cls_branches[num_dec](output_memory)
             enc_coord_unact = apply_box_delta(proposals, reg_branches[num_dec](output_memory), centre_scale)
-            if not torch.jit.is_tracing() and enc_class.shape[1] < self.num_queries:
+            num_select = self.num_queries + (self.num_queries_one2many if self.training else 0)
+            if not torch.jit.is_tracing() and enc_class.shape[1] < num_select:
                 raise TooFewTokensError(
-                    f"{enc_class.shape[1]} encoder tokens cannot give {self.num_queries} proposals; "
+                    f"{enc_class.shape[1]} encoder tokens cannot give {num_select} proposals; "
                     "use larger inputs or fewer num_queries"
+                    + (" / num_queries_one2many" if num_select > self.num_queries else "")
                 )
-            topk = torch.topk(enc_class[..., 0], self.num_queries, dim=1)[1]
+            topk = torch.topk(enc_class[..., 0], num_select, dim=1)[1]
             # the selected boxes are the decoder's starting point, not trained through it
             topk_unact = torch.gather(enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference = topk_unact.sigmoid()
-            embedded = reference
-            if scale_for("queries") is not None:
-                embedded = reference * coordinate_scale.repeat(1, 2)[:, None]
-            pos_trans = self.pos_trans_norm(
-                self.pos_trans(box_sine_embedding(embedded, c // 2, self.pos_temperature))
-            )
+            pos_trans = self.embed_boxes(reference, scale_for("queries"))
             if self.mixed_query_selection:
-                query_pos, query = pos_trans, self.content_queries.weight[None].expand(n, -1, -1)
+                query_pos, query = pos_trans, self.content_queries.weight[:num_select][None].expand(n, -1, -1)
             else:
                 query_pos, query = torch.split(pos_trans, c, dim=2)
+            if denoising is not None:
+                query_pos = torch.cat([self.embed_boxes(denoising["reference"], scale_for("queries"))[..., :c], query_pos], 1)
+                query = torch.cat([denoising["query"], query], 1)
+                reference = torch.cat([denoising["reference"], reference], 1)
             out["enc_outputs_class"] = enc_class
             out["enc_outputs_coord"] = enc_coord_unact.sigmoid()
         else:
+            if denoising is not None:
+                raise ValueError("denoising queries need two_stage=True (their positions are embedded as the proposals')")
             query_pos, query = torch.split(self.query_embedding.weight, c, dim=1)
             query_pos = query_pos[None].expand(n, -1, -1)
             query = query[None].expand(n, -1, -1)
             reference = self.reference_points(query_pos).sigmoid()
 
+        num_dn = 0 if denoising is None else denoising["query"].shape[1]
+        self_attn_mask = None
+        if query.shape[1] > self.num_queries:
+            self_attn_mask = query_group_mask(
+                query.shape[1], num_dn, 0 if denoising is None else denoising["groups"], self.num_queries, query.device
+            )
         hs, references = self.decoder(
             query, query_pos, reference, memory, spatial_shapes, level_start_index, valid_ratios, mask_flat,
             reg_branches=reg_branches if self.box_refine else None, centre_scale=centre_scale,
+            self_attn_mask=self_attn_mask,
         )  # fmt: skip
         out.update(
             hs=hs,

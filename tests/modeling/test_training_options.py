@@ -190,24 +190,210 @@ def test_a_training_step_with_every_option():
 
     torch.manual_seed(0)
     paper = tiny_model()
+    from detectron2.config import LazyCall as L
+
+    from soit.modeling.denoising import DenoisingQueries
+
     torch.manual_seed(0)
     model = tiny_model(**{
+        "denoising": L(DenoisingQueries)(num_classes=3, embed_dim=64, groups=2),
         "transformer.mixed_query_selection": True, "transformer.look_forward_twice": True,
-        "criterion.cls_loss": "ia_bce", "criterion.mask_loss_points": 64, "criterion.mask_loss_padding": "exclude",
+        "transformer.num_queries_one2many": 60, "criterion.cls_loss": "ia_bce", "criterion.mask_loss_points": 64,
+        "criterion.mask_loss_padding": "exclude",
     })  # fmt: skip
-    assert set(model.state_dict()) - set(paper.state_dict()) == {"transformer.content_queries.weight"}
+    assert set(model.state_dict()) - set(paper.state_dict()) == {
+        "transformer.content_queries.weight", "denoising.label_embed.weight"
+    }  # fmt: skip
     model.train()
     with EventStorage(0):
         losses = model(two_images())
     with EventStorage(0):
         paper.train()
-        assert set(losses) == set(paper(two_images()))
+        paper_keys = set(paper(two_images()))
+    decoder_keys = {k for k in paper_keys if not k.endswith("_enc")}
+    assert set(losses) == paper_keys | {f"{k}_one2many" for k in decoder_keys} | {f"{k}_dn" for k in decoder_keys}
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
     assert model.transformer.content_queries.weight.grad.abs().sum() > 0
+    assert model.denoising.label_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="denoising queries need two_stage=True"):
+        tiny_model(two_stage=False, denoising=L(DenoisingQueries)(num_classes=3, embed_dim=64))
     # inference is unchanged in form: no training-only outputs
     model.eval()
     with torch.no_grad():
         (out,) = model([two_images()[0]])
     assert out["instances"].pred_masks.shape[-2:] == (96, 96)
+    assert model.transformer(*_transformer_inputs(model))["hs"].shape[2] == 30  # eval: one-to-one queries only
+
+
+def _transformer_inputs(model):
+    """What the SOIT head gives the transformer, for one 96 x 96 image."""
+    import torch.nn.functional as F
+
+    images, padding = model.preprocess_image([two_images_first()])
+    feats = model.neck([model.backbone(images.tensor)[f] for f in model.in_features])
+    masks = [F.interpolate(padding[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
+    return feats, masks, model.cls_branches, model.reg_branches
+
+
+def two_images_first():
+    from test_meta_arch import two_images
+
+    return two_images()[0]
+
+
+# ------------------------------------------------------------------ one-to-many hybrid matching
+def test_one2one_queries_do_not_see_the_one2many_group():
+    feats, masks = make_inputs()
+    paper, cls, reg = tiny_transformer()
+    hybrid = tiny_transformer(num_queries_one2many=2 * Q)[0]
+    hybrid.load_state_dict(paper.state_dict())  # no new weights
+    paper.train(), hybrid.train()
+    out_paper, out_hybrid = paper(feats, masks, cls, reg), hybrid(feats, masks, cls, reg)
+    assert out_hybrid["hs"].shape[2] == 3 * Q
+    torch.testing.assert_close(out_hybrid["hs"][:, :, :Q], out_paper["hs"])
+    torch.testing.assert_close(out_hybrid["inter_references"][:, :, :Q], out_paper["inter_references"])
+    # the group is trained: its outputs depend on its own queries only, and it is not run in eval mode
+    assert (out_hybrid["hs"][:, :, Q:] - out_paper["hs"][:, :, :1]).abs().max() > 0
+    hybrid.eval()
+    assert hybrid(feats, masks, cls, reg)["hs"].shape[2] == Q
+    with pytest.raises(ValueError, match="num_queries_one2many=5: .* needs two_stage=True"):
+        tiny_transformer(num_queries_one2many=5, two_stage=False)
+
+
+def test_one2many_losses_are_one2one_losses_against_the_repeated_ground_truth():
+    from types import SimpleNamespace
+
+    from test_criterion import make_batch
+
+    from soit.modeling.mask_head import InstanceAwareMaskHead
+    from soit.modeling.meta_arch import SOIT
+
+    q, q2, k = 6, 9, 3
+    outputs, targets, mask_inputs = make_batch([2, 0, 3], Q=q + q2)
+    crit = SetCriterion(4, HungarianMatcher(), one2many_repeats=k, one2many_weight=0.5, mask_loss_padding="exclude")
+    model = SimpleNamespace(criterion=crit, mask_head=InstanceAwareMaskHead(), transformer=SimpleNamespace(num_queries=q))
+    for name in ("_set_losses", "matched_mask_logits"):
+        setattr(model, name, getattr(SOIT, name).__get__(model))
+    losses = SOIT.losses(model, outputs, mask_inputs, targets)
+
+    one2one = {key: (v[:, :, :q] if key in ("pred_logits", "pred_boxes", "dyn_params") else v) for key, v in outputs.items()}
+    alone = SOIT._set_losses(model, one2one, mask_inputs, targets)
+    one2many = {key: outputs[key][:, :, q:] for key in ("pred_logits", "pred_boxes", "dyn_params")}
+    repeated = [
+        {"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1), "masks": t["masks"].repeat(k, 1, 1)}
+        for t in targets
+    ]
+    reference = SOIT._set_losses(model, one2many, mask_inputs, repeated)
+    assert set(losses) == set(alone) | {f"{key}_one2many" for key in reference}
+    for key, value in alone.items():
+        torch.testing.assert_close(losses[key], value)
+    for key, value in reference.items():
+        torch.testing.assert_close(losses[f"{key}_one2many"], 0.5 * value)
+    # every repeated copy found a query: 5 ground truths x 3 copies among 9 queries per image
+    assert reference["loss_mask_dice"] > 0
+
+
+# ------------------------------------------------------------------ denoising queries with masks
+def test_query_group_mask_by_hand():
+    from soit.modeling.transformer import query_group_mask
+
+    # 4 denoising queries in 2 groups, 2 one-to-one, 2 one-to-many
+    blocked = query_group_mask(8, num_dn=4, dn_groups=2, num_one2one=2)
+    allowed = [
+        "11001100",  # dn group 0: itself and the one-to-one queries
+        "11001100",
+        "00111100",  # dn group 1
+        "00111100",
+        "00001100",  # one-to-one: themselves only
+        "00001100",
+        "00000011",  # one-to-many: themselves only
+        "00000011",
+    ]
+    assert (~blocked).int().tolist() == [[int(c) for c in row] for row in allowed]
+
+
+def test_matching_queries_do_not_see_the_denoising_queries():
+    from soit.modeling.denoising import DenoisingQueries
+
+    feats, masks = make_inputs()
+    tr, cls, reg = tiny_transformer()
+    tr.train()
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.2]])},
+    ]
+    torch.manual_seed(1)
+    dn = DenoisingQueries(num_classes=5, embed_dim=C, groups=3)(targets)
+    assert dn["query"].shape == (2, 3 * 2 * 2, C) and dn["groups"] == 3
+    plain = tr(feats, masks, cls, reg)
+    with_dn = tr(feats, masks, cls, reg, denoising=dn)
+    d = dn["query"].shape[1]
+    assert with_dn["hs"].shape[2] == d + Q
+    torch.testing.assert_close(with_dn["hs"][:, :, d:], plain["hs"])
+    torch.testing.assert_close(with_dn["inter_references"][:, :, d:], plain["inter_references"])
+    torch.testing.assert_close(with_dn["init_reference"][:, :d], dn["reference"])
+
+
+def test_denoising_noise_and_matches():
+    from soit.modeling.box_ops import box_cxcywh_to_xyxy
+    from soit.modeling.denoising import DenoisingQueries
+
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.4, 0.6, 0.1, 0.1]])
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": boxes}, {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    torch.manual_seed(0)
+    gen = DenoisingQueries(num_classes=2, embed_dim=8, groups=4, box_noise=0.5, label_noise=0.0)
+    dn = gen(targets)
+    per_group = 4  # 2 positives + 2 negatives (the largest image has 2 ground truths)
+    half = boxes[:, 2:].repeat(1, 2) / 2
+    for g in range(4):
+        pos = box_cxcywh_to_xyxy(dn["reference"][0, g * per_group : g * per_group + 2])
+        neg = box_cxcywh_to_xyxy(dn["reference"][0, g * per_group + 2 : g * per_group + 4])
+        moved_pos = (pos - box_cxcywh_to_xyxy(boxes)).abs() / half
+        moved_neg = (neg - box_cxcywh_to_xyxy(boxes)).abs() / half
+        assert (moved_pos <= 0.5 + 1e-5).all() and (moved_neg >= 0.5 - 1e-5).all() and (moved_neg <= 1 + 1e-5).all()
+    src, tgt = dn["matches"][0]
+    assert src.tolist() == [0, 1, 4, 5, 8, 9, 12, 13] and tgt.tolist() == [0, 1] * 4
+    assert dn["matches"][1][0].numel() == 0
+    assert gen([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]) is None
+    # labels: every one flipped to a random class at probability 1, none at 0
+    flips = DenoisingQueries(num_classes=50, embed_dim=8, groups=20, label_noise=1.0)._noised_labels(torch.zeros(500, dtype=torch.long))
+    assert (flips != 0).float().mean() > 0.9
+
+
+def test_denoising_mask_losses_train_the_positives_toward_their_own_ground_truth():
+    from types import SimpleNamespace
+
+    from test_criterion import make_batch
+
+    from soit.modeling.denoising import DenoisingQueries
+    from soit.modeling.mask_head import InstanceAwareMaskHead
+    from soit.modeling.meta_arch import SOIT
+
+    q = 6
+    torch.manual_seed(0)
+    gen = DenoisingQueries(num_classes=4, embed_dim=8, groups=2, loss_weight=0.5)
+    _, targets, _ = make_batch([2, 3], Q=q)
+    dn = gen(targets)
+    d = dn["query"].shape[1]  # 2 groups x (3 positives + 3 negatives)
+    outputs, targets, mask_inputs = make_batch([2, 3], Q=d + q)
+    crit = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude")
+    model = SimpleNamespace(criterion=crit, mask_head=InstanceAwareMaskHead(), denoising=gen)
+    for name in ("_set_losses", "matched_mask_logits"):
+        setattr(model, name, getattr(SOIT, name).__get__(model))
+    losses = SOIT.denoising_losses(model, outputs, mask_inputs, targets, dn)
+    assert {"loss_mask_dice_dn", "loss_cls_dn", "loss_bbox_0_dn"} <= set(losses)
+    losses["loss_mask_dice_dn"].backward()
+    touched = outputs["dyn_params"].grad[-1].abs().sum(-1) > 0  # (B, Q) of the last layer
+    positives = torch.zeros_like(touched)
+    for b, (src, _) in enumerate(dn["matches"]):
+        positives[b, src] = True
+    assert touched.equal(positives)  # the positives' generated parameters, and nothing else
+    # each positive's mask target is its own ground truth: a query's loss changes with it alone
+    changed = [dict(t) for t in targets]
+    changed[1]["masks"] = changed[1]["masks"].clone()
+    changed[1]["masks"][2] = 1 - changed[1]["masks"][2]
+    again = SOIT.denoising_losses(model, outputs, mask_inputs, changed, dn)
+    assert not torch.allclose(again["loss_mask_dice_dn"], losses["loss_mask_dice_dn"])
+    torch.testing.assert_close(again["loss_cls_dn"], losses["loss_cls_dn"])
