@@ -91,3 +91,29 @@ def dataset_overrides(train=None, test=None):
 def synthetic_dataset(tmp_path_factory):
     """A clean one-class COCO dataset (4 images), registered as "test_synthetic"."""
     return register_synthetic("test_synthetic", str(tmp_path_factory.mktemp("synthetic")))
+
+
+def check_registration(register, root, names, num_images, num_instances, elsewhere):
+    """``register(root, names=names)`` registers the train/val splits of a prepared shipped
+    dataset: idempotent, ``num_images`` and ``num_instances`` (train, val), every file
+    present, class "nucleus" at contiguous id 0 (COCO id 1), COCO evaluation; registering
+    the names again with other files (``elsewhere``) is refused. The names are removed after."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    try:
+        register(root, names=names)
+        register(root, names=names)  # same files: silently skipped
+        splits = [DatasetCatalog.get(n) for n in names]
+        assert [len(d) for d in splits] == list(num_images)
+        assert [sum(len(x["annotations"]) for x in d) for d in splits] == list(num_instances)
+        assert {a["category_id"] for d in splits for x in d for a in x["annotations"]} == {0}
+        assert all(os.path.isfile(x["file_name"]) for d in splits for x in d)
+        assert MetadataCatalog.get(names[0]).thing_classes == ["nucleus"]
+        assert MetadataCatalog.get(names[1]).evaluator_type == "coco"
+        with pytest.raises(ValueError, match="already registered"):
+            register(elsewhere, names=names)
+    finally:
+        for name in names:
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)

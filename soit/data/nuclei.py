@@ -17,14 +17,13 @@ checks the two files against the checksums below, and writes a COCO dataset:
   stride-8 mask features.
 """
 import io
-import json
 import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .packaged import download_wheel, labels_to_coco, read_checked_members
+from .packaged import download_wheel, labels_to_coco, read_checked_members, up_to_date, write_coco_splits
 
 __all__ = ["prepare_nuclei", "register_nuclei", "STARDIST_VERSION", "NUCLEI_SHA256", "QUADRANTS", "VAL_QUADRANT"]
 
@@ -116,14 +115,10 @@ def prepare_nuclei(
         "percentiles": list(PERCENTILES),
     }
     manifest_path = os.path.join(root, MANIFEST)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            previous = json.load(f)
-        files = [outputs["train_json"], outputs["val_json"]] + [
-            os.path.join(outputs["image_root"], f"{q}.png") for q in QUADRANTS
-        ]
-        if {k: previous.get(k) for k in manifest} == manifest and all(os.path.isfile(p) for p in files):
-            return {**outputs, "num_instances": previous.get("num_instances"), "skipped": True}
+    files = [outputs["train_json"], outputs["val_json"]] + [os.path.join(outputs["image_root"], f"{q}.png") for q in QUADRANTS]
+    previous = up_to_date(manifest_path, manifest, files)
+    if previous is not None:
+        return {**outputs, **previous}
 
     arrays = _read_checked(_download_wheel(cache_dir), expected_sha256)
     image = _to_uint8(arrays[IMAGE_MEMBER])
@@ -139,23 +134,11 @@ def prepare_nuclei(
         Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))
         split["images"].append(entry)
         split["annotations"].extend(anns)
-    for split_name, split in splits.items():
-        coco = {
-            "info": {
-                "description": f"nuclei {split_name} split: quadrants of img2d.tif/mask2d.tif from stardist=="
-                f"{STARDIST_VERSION} (2018 Data Science Bowl), upscaled x{scale}",
-            },
-            "licenses": [],
-            "categories": CATEGORIES,
-            **split,
-        }
-        with open(outputs[f"{split_name}_json"], "w") as f:
-            json.dump(coco, f)
-    manifest["num_instances"] = {k: len(v["annotations"]) for k, v in splits.items()}
-    # The manifest goes last: a run interrupted before it is redone in full next time.
-    with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=2)
-    return {**outputs, "num_instances": manifest["num_instances"], "skipped": False}
+    description = (
+        f"nuclei {{split}} split: quadrants of img2d.tif/mask2d.tif from stardist=="
+        f"{STARDIST_VERSION} (2018 Data Science Bowl), upscaled x{scale}"
+    )
+    return write_coco_splits(outputs, splits, CATEGORIES, description, manifest, manifest_path)
 
 
 def register_nuclei(root: str = "datasets/nuclei", names: Sequence[str] = ("nuclei_train", "nuclei_val")) -> None:

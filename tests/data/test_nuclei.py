@@ -6,6 +6,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
+from conftest import check_registration
 
 from soit.data.nuclei import NUCLEI_SHA256, QUADRANTS, VAL_QUADRANT, prepare_nuclei, register_nuclei
 
@@ -84,25 +85,6 @@ def test_scale_must_be_a_positive_integer(tmp_path):
 
 
 def test_register_nuclei(nuclei, tmp_path):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     root = os.path.dirname(nuclei["train_json"])
     names = ("test_nuclei_reg_train", "test_nuclei_reg_val")
-    try:
-        register_nuclei(root, names=names)
-        register_nuclei(root, names=names)  # same files: silently skipped
-        train, val = DatasetCatalog.get(names[0]), DatasetCatalog.get(names[1])
-        assert len(train) == 3 and len(val) == 1
-        assert sum(len(d["annotations"]) for d in train) == 108 and len(val[0]["annotations"]) == 29
-        # register_coco_instances maps COCO id 1 to the contiguous id 0.
-        assert {a["category_id"] for d in train + val for a in d["annotations"]} == {0}
-        assert all(os.path.isfile(d["file_name"]) for d in train + val)
-        assert MetadataCatalog.get(names[0]).thing_classes == ["nucleus"]
-        assert MetadataCatalog.get(names[1]).evaluator_type == "coco"
-        with pytest.raises(ValueError, match="already registered"):
-            register_nuclei(str(tmp_path / "elsewhere"), names=names)
-    finally:
-        for name in names:
-            if name in DatasetCatalog.list():
-                DatasetCatalog.remove(name)
-                MetadataCatalog.remove(name)
+    check_registration(register_nuclei, root, names, (3, 1), (108, 29), str(tmp_path / "elsewhere"))
