@@ -31,7 +31,7 @@ def get_optimizer_params(
     ``lr = base_lr * m`` for every parameter whose full name contains a key of
     ``lr_multipliers`` (the first matching key wins).
 
-    SOIT's recipe (spec section 8): ``{"backbone": 0.1, "sampling_offsets": 0.1}`` and the
+    SOIT's recipe (docs/model.md, section 8): ``{"backbone": 0.1, "sampling_offsets": 0.1}`` and the
     same weight decay everywhere (``weight_decay_norm=None``), as the official release.
     """
     lr_multipliers = dict(lr_multipliers or {})

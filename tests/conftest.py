@@ -26,7 +26,7 @@ def nuclei_wheel_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def nuclei(tmp_path_factory, nuclei_wheel_cache):
-    """The quick-start nuclei dataset (DATA.md), prepared once per session: the dict of
+    """The quick-start nuclei dataset (soit/data/nuclei.py), prepared once per session: the dict of
     ``soit.data.nuclei.prepare_nuclei``. A failed download fails (no skip): PyPI is part of
     the test environment."""
     from soit.data.nuclei import prepare_nuclei

@@ -24,7 +24,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# what detectron2 v0.6 imports and the GPU machine does not have (shared/ENVIRONMENT.md)
+# what detectron2 v0.6 imports and a bare GPU machine does not have
 PURE = ["fvcore", "iopath", "omegaconf", "hydra-core", "antlr4-python3-runtime", "yacs", "termcolor"]
 COMPILED = ["pycocotools"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]

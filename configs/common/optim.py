@@ -1,4 +1,4 @@
-"""AdamW with SOIT's learning-rate multipliers (spec section 8)."""
+"""AdamW with SOIT's learning-rate multipliers (docs/model.md, section 8)."""
 import torch
 from detectron2.config import LazyCall as L
 

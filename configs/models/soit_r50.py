@@ -1,4 +1,4 @@
-"""SOIT with a ResNet-50 backbone: the official R-50 setting (SOIT_SPEC sections 1-7).
+"""SOIT with a ResNet-50 backbone: the official R-50 setting (docs/model.md, sections 1-7).
 
 Every ablation knob of the paper (Tables 2-5) is a value here; experiments override them.
 """

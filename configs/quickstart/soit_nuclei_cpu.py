@@ -1,4 +1,4 @@
-"""The CPU quick start: a small SOIT trained from scratch on the nuclei tiles (DATA.md).
+"""The CPU quick start: a small SOIT trained from scratch on the nuclei tiles (soit/data/nuclei.py).
 
 Three 256x256 tiles of one fluorescence image (upscaled x2 to 512x512) train, the fourth is
 held out for COCOEvaluator. Run it with ``bash scripts/quickstart.sh``.

@@ -17,7 +17,7 @@ __all__ = [
     "detr_test_augmentation",
 ]
 
-# The DETR recipe (SOIT spec section 8): shorter side 480, 512, ..., 800, longer side <= 1333.
+# The DETR recipe (docs/model.md, section 8): shorter side 480, 512, ..., 800, longer side <= 1333.
 DETR_MIN_SIZES = tuple(range(480, 801, 32))
 DETR_MAX_SIZE = 1333
 DETR_CROP_MIN_SIZES = (400, 500, 600)
@@ -151,7 +151,7 @@ def detr_augmentations(
     *,
     extra: Sequence[T.Augmentation] = (),
 ) -> Tuple[List[T.Augmentation], List[T.Augmentation]]:
-    """The two branches of the DETR training augmentation (SOIT spec section 8).
+    """The two branches of the DETR training augmentation (docs/model.md, section 8).
 
     :class:`SOITDatasetMapper` applies one of them per image, each with probability 1/2.
     Both start with a random horizontal flip (then ``extra``) so that each list is complete

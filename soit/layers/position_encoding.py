@@ -56,7 +56,7 @@ def sine_position_encoding(
     eps: float = 1e-6,
     coordinate_scale: "torch.Tensor | None" = None,
 ) -> torch.Tensor:
-    """2-D sine position encoding of a padded feature map (spec section 2).
+    """2-D sine position encoding of a padded feature map (docs/model.md, section 2).
 
     The coordinate of a pixel along an axis is the count of valid pixels up to and including
     it (a cumulative sum, so padding does not shift valid pixels). With ``normalize`` it is

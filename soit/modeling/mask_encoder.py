@@ -1,4 +1,4 @@
-"""Mask encoder: the shared mask features F_mask (spec section 4).
+"""Mask encoder: the shared mask features F_mask (docs/model.md, section 4).
 
 A few deformable encoder layers over the P3 (stride 8) tokens of the transformer memory,
 attending within P3 only, then a projection to the C_mask channels that the

@@ -191,7 +191,7 @@ class SOIT(nn.Module):
             self.cls_branches = nn.ModuleList(shared)
             shared = [reg_branch] * num_layers + ([copy.deepcopy(reg_branch)] if two_stage else [])
             self.reg_branches = nn.ModuleList(shared)
-        # one mask branch shared by every decoder layer (spec section 3)
+        # one mask branch shared by every decoder layer (docs/model.md, section 3)
         self.mask_branch = MLP(embed_dim, embed_dim, mask_head.num_dynamic_params, 3)
 
     @property

@@ -1,4 +1,4 @@
-"""Input projections from the backbone to the transformer (spec section 1).
+"""Input projections from the backbone to the transformer (docs/model.md, section 1).
 
 No FPN: each backbone level is projected to the transformer width on its own, and the
 coarsest extra level is computed from the last backbone feature map.

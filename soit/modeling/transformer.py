@@ -1,4 +1,4 @@
-"""Deformable transformer with two-stage proposals and box refinement (spec section 2).
+"""Deformable transformer with two-stage proposals and box refinement (docs/model.md, section 2).
 
 Tensors are batch-first. Dimension names: N images, L levels, S = sum_l H_l * W_l flattened
 tokens, Q queries, C channels. Boxes and reference points are (cx, cy, w, h) / (x, y)
@@ -372,7 +372,7 @@ class DeformableTransformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
 
     def gen_encoder_proposals(self, memory, masks, memory_padding_mask, size_scale=None):
-        """One proposal box per encoder token (spec section 2, two-stage).
+        """One proposal box per encoder token (docs/model.md, section 2, two-stage).
 
         Args:
             memory: (N, S, C).

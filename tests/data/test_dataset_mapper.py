@@ -132,7 +132,7 @@ def test_detr_recipe_on_real_data(nuclei_val):
             assert box == _tight_box(mask)
         counts.add(len(inst))
     assert 29 in counts and min(counts) < 29, "both branches (full image and crop) were taken"
-    # The default recipe of the paper (spec section 8).
+    # The default recipe of the paper (docs/model.md, section 8).
     full, crop = detr_augmentations()
     assert isinstance(full[0], T.RandomFlip) and full[-1].short_edge_length == list(range(480, 801, 32))
     assert full[-1].max_size == 1333 and crop[1].short_edge_length == [400, 500, 600]

@@ -10,7 +10,7 @@ from conftest import check_registration
 
 from soit.data.nuclei import NUCLEI_SHA256, QUADRANTS, VAL_QUADRANT, prepare_nuclei, register_nuclei
 
-# Nuclei touching each 256 x 256 quadrant of mask2d.tif (DATA.md).
+# Nuclei touching each 256 x 256 quadrant of mask2d.tif (soit/data/nuclei.py).
 QUADRANT_COUNTS = {"top_left": 35, "top_right": 33, "bottom_left": 40, "bottom_right": 29}
 
 

@@ -108,7 +108,7 @@ def test_bad_configuration_errors():
 
 
 def test_hand_set_parameters_follow_the_441_split():
-    """Offsets and attention logits set through the biases only, at the spec's slices."""
+    """Offsets and attention logits set through the biases only, at the slices of docs/model.md, section 5."""
     h, w = 4, 5
     feats = torch.randn(1, 8, h, w, dtype=torch.float64)
     pad = torch.zeros(1, h, w, dtype=torch.bool)

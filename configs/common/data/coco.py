@@ -1,4 +1,4 @@
-"""COCO instance segmentation with the DETR augmentation (spec section 8)."""
+"""COCO instance segmentation with the DETR augmentation (docs/model.md, section 8)."""
 from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data import transforms as T
