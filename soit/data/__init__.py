@@ -8,7 +8,13 @@ from .augmentation import (
     detr_augmentations,
     detr_test_augmentation,
 )
-from .dataset_mapper import SOITDatasetMapper, decode_segmentation, mask_to_box, read_image_8bit
+from .dataset_mapper import (
+    SOITDatasetMapper,
+    decode_segmentation,
+    mask_to_box,
+    patch_map_dataset_fallback,
+    read_image_8bit,
+)
 from .hela import prepare_hela, register_hela
 from .nuclei import prepare_nuclei, register_nuclei
 
@@ -23,6 +29,7 @@ __all__ = [
     "read_image_8bit",
     "decode_segmentation",
     "mask_to_box",
+    "patch_map_dataset_fallback",
     "prepare_nuclei",
     "register_nuclei",
     "prepare_hela",

@@ -25,7 +25,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_every_n_seconds
 from PIL import Image, ImageOps
 
-__all__ = ["SOITDatasetMapper", "read_image_8bit", "decode_segmentation", "mask_to_box"]
+__all__ = ["SOITDatasetMapper", "read_image_8bit", "decode_segmentation", "mask_to_box", "patch_map_dataset_fallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,18 @@ class _IndexableSet(set):
 collections.abc.Sequence.register(_IndexableSet)
 
 
-def _fix_map_dataset_fallback():
-    """Let detectron2's ``MapDataset`` retry after a mapper returns ``None`` on Python >= 3.11.
+def patch_map_dataset_fallback():
+    """A compatibility fix of detectron2's ``MapDataset`` for Python >= 3.11; idempotent.
 
-    ``MapDataset`` replaces a failed sample with ``random.sample(<set of indices>, k=1)``,
-    which raises ``TypeError`` since Python 3.11 (detectron2 v0.6 and later releases), so
-    one unreadable image would stop training. Its candidate set becomes an
-    :class:`_IndexableSet`; nothing else changes, and a detectron2 that samples from
-    ``sorted(...)`` works the same with it.
+    ``MapDataset`` replaces a sample its mapper returned ``None`` for with
+    ``random.sample(<set of indices>, k=1)``, which raises ``TypeError`` since Python 3.11
+    (detectron2 v0.6 and later releases), so one unreadable image would stop training. Its
+    candidate set becomes an :class:`_IndexableSet`; nothing else changes, and a detectron2
+    that samples from ``sorted(...)`` works the same with it. When every sample fails, the
+    error says so instead of detectron2's "Sample larger than population".
+
+    Applied in one place: :class:`SOITDatasetMapper`'s constructor (the mapper that returns
+    ``None``), so every loader built with it, whatever the entry point, has the fix.
     """
     cls = d2_common.MapDataset
     if sys.version_info < (3, 11) or getattr(cls, "_soit_fallback_fixed", False):
@@ -95,8 +99,6 @@ def _fix_map_dataset_fallback():
     cls.__getitem__ = __getitem__
     cls._soit_fallback_fixed = True
 
-
-_fix_map_dataset_fallback()
 
 
 def read_image_8bit(file_name: str, format: str = "RGB") -> np.ndarray:
@@ -223,6 +225,8 @@ class SOITDatasetMapper:
             raise ValueError(
                 f"image_format must be 'RGB' or 'BGR' (a 3-channel image for the model), got {image_format!r}"
             )
+        # this mapper returns None for unreadable images: detectron2's loader must cope
+        patch_map_dataset_fallback()
         self.is_train = is_train
         self.augmentation = T.AugmentationList(list(augmentation))
         self.augmentation_with_crop = (

@@ -284,6 +284,10 @@ def test_train_loader_goes_on_past_a_corrupt_image(bad_dataset, log):
 def test_map_dataset_replaces_failed_samples(size):
     from detectron2.data.common import MapDataset
 
+    from soit.data import patch_map_dataset_fallback
+
+    patch_map_dataset_fallback()  # what building a SOITDatasetMapper does
+    patch_map_dataset_fallback()  # idempotent
     dataset = MapDataset(list(range(size)), lambda i: None if i % 2 else i)
     dataset = pickle.loads(pickle.dumps(dataset))  # as data loader workers receive it
     assert all(dataset[i] % 2 == 0 for i in range(size))
