@@ -8,7 +8,7 @@ import math
 
 import torch
 
-__all__ = ["inverse_sigmoid", "sine_embedding", "sine_position_encoding", "box_sine_embedding"]
+__all__ = ["inverse_sigmoid", "sine_embedding", "sine_position_encoding", "box_sine_embedding", "valid_extent"]
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -18,6 +18,13 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     x1 = x.clamp(min=eps)
     x2 = (1 - x).clamp(min=eps)
     return torch.log(x1 / x2)
+
+
+def valid_extent(padding_mask: torch.Tensor) -> torch.Tensor:
+    """(N, 2) float (valid width, valid height) in pixels of each (N, H, W) padding mask
+    (True = pad). Images are padded at the bottom and right, so the first row and column
+    give the valid width and height."""
+    return torch.stack([(~padding_mask[:, 0, :]).sum(1), (~padding_mask[:, :, 0]).sum(1)], -1).to(torch.float32)
 
 
 def _frequencies(num_feats: int, temperature: float, device) -> torch.Tensor:

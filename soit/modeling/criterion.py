@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.position_encoding import valid_extent
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .mask_head import aligned_bilinear
 
@@ -444,7 +445,7 @@ class SetCriterion(nn.Module):
     def _point_losses(self, logits, targets, padding):
         """Dice and mean BCE at sampled points of each mask's image (no padding)."""
         h, w = padding.shape[-2:]
-        extent = torch.stack([(~padding[:, 0, :]).sum(1) / w, (~padding[:, :, 0]).sum(1) / h], -1)
+        extent = valid_extent(padding) / torch.tensor([w, h], device=padding.device)
         points = sample_mask_points(
             logits, extent, self.mask_loss_points, self.mask_loss_oversample, self.mask_loss_importance
         )

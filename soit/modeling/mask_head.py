@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from soit.layers import ms_deform_attn
+from soit.layers.position_encoding import sine_embedding
 
 __all__ = [
     "InstanceAwareMaskHead",
     "aligned_bilinear",
     "normalized_valid_coordinates",
-    "sine_position_encoding",
+    "mask_position_encoding",
 ]
 
 POS_ENCODINGS = ("relative", "absolute", "none")
@@ -81,11 +82,13 @@ def normalized_valid_coordinates(mask_padding, eps=1e-6):
     return y, x
 
 
-def sine_position_encoding(
+def mask_position_encoding(
     mask_padding, centers=None, batch_index=None, *, num_feats=4, temperature=10000.0, scale=2 * math.pi, eps=1e-6,
     coordinate_scale=None,
 ):  # fmt: skip
-    """2-D sine encoding of the mask features, absolute or relative to instance centres.
+    """The mask head's 2-D sine encoding of the mask features, absolute or relative to
+    instance centres (:func:`~soit.layers.position_encoding.sine_embedding` of coordinates
+    normalised without the encoder's half-pixel offset).
 
     Relative (SOIT eq. 4): the normalized coordinate minus the instance's box centre, times
     ``scale``; absolute: the same without subtracting a centre. Channel layout (2*num_feats):
@@ -108,7 +111,7 @@ def sine_position_encoding(
     y, x = normalized_valid_coordinates(mask_padding, eps)
     if centers is not None:
         if batch_index is None:
-            raise ValueError("sine_position_encoding: batch_index is required together with centers")
+            raise ValueError("mask_position_encoding: batch_index is required together with centers")
         centers = centers.to(torch.float32)
         y = y[batch_index] - centers[:, 1, None, None]
         x = x[batch_index] - centers[:, 0, None, None]
@@ -123,15 +126,7 @@ def sine_position_encoding(
             x = x * coordinate_scale[:, 0, None, None]
         y = y * scale
         x = x * scale
-    idx = torch.arange(num_feats, dtype=torch.float32, device=mask_padding.device)
-    dim_t = temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_feats)
-
-    def embed(u):
-        u = u[..., None] / dim_t
-        # interleave: even channels sin, odd channels cos
-        return torch.stack((u[..., 0::2].sin(), u[..., 1::2].cos()), dim=-1).flatten(-2)
-
-    return torch.cat((embed(y), embed(x)), dim=-1).permute(0, 3, 1, 2)
+    return sine_embedding(torch.stack((y, x), dim=-1), num_feats, temperature).permute(0, 3, 1, 2)
 
 
 class InstanceAwareMaskHead(nn.Module):
@@ -231,8 +226,8 @@ class InstanceAwareMaskHead(nn.Module):
         kwargs = {"num_feats": self.mask_channels // 2, "temperature": self.temperature}
         kwargs["coordinate_scale"] = coordinate_scale
         if self.pos_encoding == "absolute":
-            return sine_position_encoding(mask_padding, **kwargs)[batch_index]
-        return sine_position_encoding(mask_padding, centers.detach(), batch_index, **kwargs)
+            return mask_position_encoding(mask_padding, **kwargs)[batch_index]
+        return mask_position_encoding(mask_padding, centers.detach(), batch_index, **kwargs)
 
     def forward(self, mask_feats, mask_padding, dyn_params, centers, batch_index, coordinate_scale=None):
         """Mask logits of n instances, all in one batched call.

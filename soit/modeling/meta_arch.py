@@ -9,7 +9,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from ..layers.position_encoding import inverse_sigmoid
+from ..layers.position_encoding import inverse_sigmoid, valid_extent
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import matched_queries
 from .mask_head import aligned_bilinear
@@ -460,8 +460,7 @@ class SOIT(nn.Module):
         """(B, 2) (x, y) valid size of each image over ``reference_size``, or None when off."""
         if not self.reference_size:
             return None
-        valid = torch.stack([(~padding[:, 0, :]).sum(1), (~padding[:, :, 0]).sum(1)], -1)
-        return valid.to(torch.float32) / self.reference_size
+        return valid_extent(padding) / self.reference_size
 
     # -------------------------------------------------------------- inference
     def select_detections(self, outputs, mask_inputs):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from soit.layers import MSDeformAttn
-from soit.layers.position_encoding import box_sine_embedding, inverse_sigmoid, sine_position_encoding
+from soit.layers.position_encoding import box_sine_embedding, inverse_sigmoid, sine_position_encoding, valid_extent
 
 from .box_ops import apply_box_delta
 
@@ -34,13 +34,9 @@ __all__ = [
 
 
 def valid_ratios_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool (True = pad) -> (N, 2) float (valid width / W, valid height / H).
-
-    Images are padded at the bottom/right, so the first column and row give the valid
-    height and width."""
-    valid_h = (~mask[:, :, 0]).sum(1).to(torch.float32)
-    valid_w = (~mask[:, 0, :]).sum(1).to(torch.float32)
-    return torch.stack([valid_w / mask.shape[2], valid_h / mask.shape[1]], -1)
+    """(N, H, W) bool (True = pad) -> (N, 2) float (valid width / W, valid height / H)."""
+    extent = valid_extent(mask)
+    return torch.stack([extent[:, 0] / mask.shape[2], extent[:, 1] / mask.shape[1]], -1)
 
 
 def encoder_reference_points(masks: Sequence[torch.Tensor], valid_ratios: torch.Tensor) -> torch.Tensor:
@@ -391,12 +387,10 @@ class DeformableTransformer(nn.Module):
         proposals = []
         for lvl, m in enumerate(masks):
             h, w = m.shape[-2], m.shape[-1]
-            valid_h = (~m[:, :, 0]).sum(1)
-            valid_w = (~m[:, 0, :]).sum(1)
             ys = torch.arange(h, dtype=torch.float32, device=memory.device)
             xs = torch.arange(w, dtype=torch.float32, device=memory.device)
             grid = torch.stack([xs[None, :].expand(h, -1), ys[:, None].expand(-1, w)], -1)  # (h, w, 2)
-            scale = torch.stack([valid_w, valid_h], -1).view(-1, 1, 1, 2)
+            scale = valid_extent(m).view(-1, 1, 1, 2)
             centre = (grid[None] + 0.5) / scale  # (N, h, w, 2)
             wh = torch.full_like(centre, self.proposal_size * 2.0**lvl)
             if size_scale is not None:

@@ -12,7 +12,7 @@ from soit.modeling.mask_head import (
     InstanceAwareMaskHead,
     aligned_bilinear,
     normalized_valid_coordinates,
-    sine_position_encoding,
+    mask_position_encoding,
 )
 
 
@@ -161,9 +161,9 @@ def test_random_parameters_match_numpy(M, C, pos):
 def test_encoding_layout_matches_numpy():
     pad = padding_mask(7, 8, [(5, 6)])
     centers = torch.tensor([[0.37, 0.81]])
-    pe = sine_position_encoding(pad, centers, torch.tensor([0]), num_feats=4)
+    pe = mask_position_encoding(pad, centers, torch.tensor([0]), num_feats=4)
     np.testing.assert_allclose(pe[0].numpy(), np_sine_pe(pad[0].numpy(), (0.37, 0.81)), atol=1e-5)
-    absolute = sine_position_encoding(pad, num_feats=4)
+    absolute = mask_position_encoding(pad, num_feats=4)
     np.testing.assert_allclose(absolute[0].numpy(), np_sine_pe(pad[0].numpy(), None), atol=1e-5)
 
 
@@ -177,10 +177,10 @@ def test_encoding_is_zero_displacement_at_the_centre_pixel():
     i0, j0 = 2, 3
     zero_disp = torch.tensor([0.0, 1.0, 0.0, 1.0] * 2)
     centers = torch.stack([x[0, i0, j0], y[0, i0, j0]])[None]
-    pe = sine_position_encoding(pad, centers, torch.tensor([0]), num_feats=4)
+    pe = mask_position_encoding(pad, centers, torch.tensor([0]), num_feats=4)
     assert torch.equal(pe[0, :, i0, j0], zero_disp)
     rounder = torch.tensor([[(j0 + 1) / 6, (i0 + 1) / 5]])
-    pe = sine_position_encoding(pad, rounder, torch.tensor([0]), num_feats=4)
+    pe = mask_position_encoding(pad, rounder, torch.tensor([0]), num_feats=4)
     torch.testing.assert_close(pe[0, :, i0, j0], zero_disp, atol=1e-5, rtol=0)
     # every other pixel is displaced, so the encoding differs there
     others = (pe[0] - zero_disp[:, None, None]).abs().amax(0) > 1e-3
@@ -191,7 +191,7 @@ def test_shifting_the_centre_shifts_the_map():
     pad = padding_mask(7, 8, [(5, 6)])
     step_y, step_x = 1 / (5 + 1e-6), 1 / (6 + 1e-6)
     c = torch.tensor([[0.4, 0.5], [0.4 + step_x, 0.5], [0.4, 0.5 + step_y]])
-    pe = sine_position_encoding(pad, c, torch.zeros(3, dtype=torch.long), num_feats=4)
+    pe = mask_position_encoding(pad, c, torch.zeros(3, dtype=torch.long), num_feats=4)
     # inside the valid region, one pixel right (down) of the shifted centre looks like the original
     torch.testing.assert_close(pe[1, :, :5, 1:6], pe[0, :, :5, 0:5], atol=1e-5, rtol=0)
     torch.testing.assert_close(pe[2, :, 1:5, :6], pe[0, :, 0:4, :6], atol=1e-5, rtol=0)
@@ -200,8 +200,8 @@ def test_shifting_the_centre_shifts_the_map():
 
 def test_absolute_equals_relative_to_the_origin():
     pad = padding_mask(6, 6, [(6, 6), (3, 5)])
-    rel = sine_position_encoding(pad, torch.zeros(2, 2), torch.tensor([0, 1]), num_feats=4)
-    torch.testing.assert_close(rel, sine_position_encoding(pad, num_feats=4))
+    rel = mask_position_encoding(pad, torch.zeros(2, 2), torch.tensor([0, 1]), num_feats=4)
+    torch.testing.assert_close(rel, mask_position_encoding(pad, num_feats=4))
 
 
 # ---------------------------------------------------------------- batching
