@@ -20,6 +20,7 @@ import shutil
 import subprocess
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("soit", "layers", "csrc")
@@ -127,5 +128,20 @@ def get_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+class BuildWithConfigs(build_py):
+    """``build_py`` that also copies the repository's ``configs/`` into the built package as
+    ``soit/model_zoo/configs`` (what ``soit.model_zoo.get_config`` reads in an install)."""
+
+    def run(self):
+        super().run()
+        source = os.path.join(HERE, "configs")
+        target = os.path.join(self.build_lib, "soit", "model_zoo", "configs")
+        if not os.path.isdir(source):
+            raise RuntimeError(f"{source} is missing: build SOIT from a complete checkout of the repository")
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 ext_modules, cmdclass = get_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildWithConfigs, **cmdclass})

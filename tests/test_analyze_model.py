@@ -6,16 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, load_tool, tiny_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling"))
-from test_meta_arch import tiny_model  # noqa: E402
+from soit.analysis import flop_count_analysis
+from soit.layers.ms_deform_attn import MSDeformAttn
 
-from soit.analysis import flop_count_analysis  # noqa: E402
-from soit.layers.ms_deform_attn import MSDeformAttn  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import analyze_model  # noqa: E402
+analyze_model = load_tool("analyze_model")
 
 
 def _deform_attn_flops_by_hand(model, h, w):

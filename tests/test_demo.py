@@ -6,12 +6,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_tool
 from detectron2.config import LazyConfig, instantiate
 
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import demo
+demo = load_tool("demo")
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 # A random model's 100 detections all pass threshold 0; 5 are enough to see drawing, and

@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = ("soit", "mask_rcnn", "deformable")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -149,9 +148,11 @@ class Detectron2Runner:
 
 
 def build_soit(image, device):
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    cfg = LazyConfig.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models", "soit_r50.py"))
+    from soit.model_zoo import get_config
+
+    cfg = get_config("models/soit_r50.py")
     runner = Detectron2Runner("soit", instantiate(cfg.model), image, device)
     calibrate_frozen_bn(runner.model, lambda: runner.infer(1))
     return runner

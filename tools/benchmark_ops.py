@@ -32,12 +32,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from soit.layers.ms_deform_attn import (  # noqa: E402
     extension_status,

@@ -4,7 +4,7 @@
 1. prepares the small real dataset (``datasets/nuclei``: 3 training tiles, 1 held out) as
    COCO JSON + PNGs and registers it with ``register_coco_instances``;
 2. evaluates the untrained model with ``COCOEvaluator`` (the baseline), trains with
-   ``train_net.py``'s loop (config ``configs/quickstart/soit_nuclei_cpu.py``), whose last
+   the training loop of ``train_net.py`` (``soit.engine.training``) (config ``configs/quickstart/soit_nuclei_cpu.py``), whose last
    step evaluates the trained model on the held-out tile;
 3. writes ``metrics.json`` and pictures of the predicted masks (``vis/``) to the output
    folder and prints where they are.
@@ -19,7 +19,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 CONFIG = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 
@@ -108,8 +107,8 @@ def main(argv=None):
     from detectron2.engine import default_argument_parser, default_setup
     from detectron2.utils.logger import setup_logger
 
-    import train_net
     from soit.data.nuclei import prepare_nuclei, register_nuclei
+    from soit.engine import training
     from soit.engine.overrides import apply_overrides
 
     prepare_nuclei(args.data_root)
@@ -124,12 +123,12 @@ def main(argv=None):
     start = time.time()
     model = instantiate(cfg.model)
     print("[quickstart] evaluating the untrained model (baseline)", flush=True)
-    untrained = train_net.do_test(cfg, model)
+    untrained = training.do_test(cfg, model)
     os.rename(os.path.join(args.output_dir, "eval_results.json"), os.path.join(args.output_dir, "eval_untrained.json"))
 
     print(f"[quickstart] training for {cfg.train.max_iter} iterations on the CPU", flush=True)
     train_start = time.time()
-    train_net.do_train(train_args, cfg)
+    training.do_train(train_args, cfg)
     train_time = time.time() - train_start  # includes the final evaluation
 
     # the training loop's last hook evaluated the final weights on the held-out tile

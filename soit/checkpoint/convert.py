@@ -340,8 +340,9 @@ def infer_architecture(official: Mapping[str, torch.Tensor]) -> dict:
 
 
 def _default_config_file():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(root, "configs", "models", "soit_r50.py")
+    from ..model_zoo import get_config_file
+
+    return get_config_file("models/soit_r50.py")
 
 
 def model_config_for(arch: dict, config_file: str | None = None, trust_config: bool = False):

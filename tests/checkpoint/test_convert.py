@@ -1,14 +1,13 @@
 """Conversion of the authors' checkpoints: names, strict accounting, files, and parity of the
 converted model with the official implementation's stored outputs and losses."""
 
-import importlib.util
 import os
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, shared_file
+from conftest import REPO, load_tool, shared_file
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import BitMasks, Boxes, Instances
@@ -54,15 +53,6 @@ def zeros_state_dict(shapes):
         k: torch.zeros(s, dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
         for k, s in shapes.items()
     }
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_official", os.path.join(REPO, "tools", "convert_official.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def r50_model_config(depth=50):
@@ -247,7 +237,7 @@ def small_config(dropout=0.1):
 
 
 def test_convert_tool_writes_a_strictly_loadable_checkpoint(tmp_path, fixture_ref, capsys):
-    main = load_tool().main
+    main = load_tool("convert_official").main
 
     src = tmp_path / "official.pth"
     torch.save({"state_dict": fixture_ref["state_dict"], "meta": {"epoch": 50, "mmdet_version": "2.25.0"}}, src)
@@ -297,7 +287,7 @@ def test_checkpoint_needing_full_unpickling_gives_a_clear_error(tmp_path):
     with pytest.raises(ConversionError, match=r"(?s)_NotATensor.*trust_pickle=True"):
         convert_checkpoint(str(src), str(tmp_path / "out.pth"))
     assert not (tmp_path / "out.pth").exists()
-    assert load_tool().main([str(src), str(tmp_path / "out.pth")]) == 1
+    assert load_tool("convert_official").main([str(src), str(tmp_path / "out.pth")]) == 1
     # opting in to full unpickling reads it
     state, meta = load_official_checkpoint(str(src), trust_pickle=True)
     assert state == {} and type(meta).__name__ == "_NotATensor"
@@ -310,7 +300,7 @@ def test_files_that_are_not_checkpoints_are_named_without_steering_to_trust_pick
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
     for name in [*cases, "missing.pth"]:
-        assert load_tool().main([str(tmp_path / name), str(tmp_path / "out.pth")]) == 1
+        assert load_tool("convert_official").main([str(tmp_path / name), str(tmp_path / "out.pth")]) == 1
         err = capsys.readouterr().err
         assert str(tmp_path / name) in err and "trust" not in err, err
         assert ("does not exist" if name == "missing.pth" else "not a readable checkpoint") in err
@@ -322,7 +312,7 @@ def test_a_yaml_config_that_would_run_code_is_refused(fixture_ref, tmp_path, cap
     torch.save({"state_dict": fixture_ref["state_dict"]}, src)
     config = tmp_path / "model.yaml"
     config.write_text(f"model: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
-    assert load_tool().main([str(src), str(out), "--config-file", str(config)]) == 1
+    assert load_tool("convert_official").main([str(src), str(out), "--config-file", str(config)]) == 1
     err = capsys.readouterr().err
     assert str(config) in err and "--trust-config" in err
     assert not marker.exists() and not out.exists()

@@ -1,22 +1,19 @@
 """User files that would run code are refused at every entry point; real checkpoints still load."""
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, dataset_overrides
+from conftest import REPO, dataset_overrides, load_tool
 from detectron2.config import LazyConfig, instantiate
 
-import train_net
+from soit.engine import training as train_net
 from soit.checkpoint.safe_load import SafeCheckpointer, UnsafeFileError, load_checkpoint_file, load_config
 from soit.engine import Predictor
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-sys.path.insert(0, os.path.join(REPO, "tools", "deploy"))
-import demo  # noqa: E402
-import export_model  # noqa: E402
+demo = load_tool("demo")
+export_model = load_tool("deploy/export_model")
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 FAST = ["model.max_detections=5"]

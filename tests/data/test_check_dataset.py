@@ -7,13 +7,12 @@ import sys
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from conftest import REPO, dataset_overrides, write_synthetic_coco
+from conftest import REPO, dataset_overrides, load_tool, write_synthetic_coco
 
-import train_net
+from soit.engine import training as train_net
 from soit.data.check import check_coco_json, encoder_tokens, min_image_side
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import check_dataset  # noqa: E402
+check_dataset = load_tool("check_dataset")
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 

@@ -9,15 +9,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, load_tool, synthetic_sample, tiny_model
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling"))
-from test_meta_arch import synthetic_sample, tiny_model  # noqa: E402
+from soit import export
+from soit.layers.ms_deform_attn import has_cuda_kernel
 
-from soit import export  # noqa: E402
-from soit.layers.ms_deform_attn import has_cuda_kernel  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPORT_TOOL = os.path.join(REPO, "tools", "deploy", "export_model.py")
 
 # traced at 96 x 128 (landscape); checked there and at 120 x 88 (portrait) and 72 x 72
@@ -303,8 +300,7 @@ def test_export_tool_resizes_the_sample_like_evaluation(sample_image):
 
     from detectron2.config import LazyConfig
 
-    sys.path.insert(0, os.path.dirname(EXPORT_TOOL))
-    import export_model
+    export_model = load_tool("deploy/export_model")
 
     cfg = LazyConfig.load(os.path.join(REPO, "configs", "soit_r50_50ep.py"))
     rgb, _ = export_model.sample_input(cfg, types.SimpleNamespace(input_format="RGB"), sample_image)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import REPO, write_synthetic_coco
 
-import train_net
+from soit.engine import training as train_net
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances

@@ -1,15 +1,12 @@
 """SOITTrainer: mixed precision (fp16 with loss scaling, bf16) and gradient clipping."""
-import sys
-import os
 
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling"))
-from test_meta_arch import tiny_model, two_images  # noqa: E402
+from conftest import tiny_model, two_images
 
-from soit.engine import SOITTrainer  # noqa: E402
+from soit.engine import SOITTrainer
 
 
 def _loader():

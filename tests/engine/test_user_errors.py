@@ -2,24 +2,21 @@
 import hashlib
 import json
 import os
-import sys
 
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from conftest import REPO, dataset_overrides, write_synthetic_coco
+from conftest import REPO, dataset_overrides, load_tool, write_synthetic_coco
 
-import train_net
+from soit.engine import training as train_net
 from soit.checkpoint.safe_load import IncompleteCheckpointError
 from soit.data.metadata import dataset_metadata
 from soit.engine import Predictor
 from soit.engine.overrides import apply_overrides
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-sys.path.insert(0, os.path.join(REPO, "tools", "deploy"))
-import quickstart  # noqa: E402
+quickstart = load_tool("quickstart")
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 
@@ -160,7 +157,7 @@ def test_quickstart_overwrite_removes_only_what_it_wrote(tmp_path):
 
 def test_an_image_too_small_for_the_queries_is_named_in_prediction_and_export(one_class_weights, tmp_path):
     import cv2
-    import export_model
+    export_model = load_tool("deploy/export_model")
     import numpy as np
 
     from soit.modeling.transformer import TooFewTokensError

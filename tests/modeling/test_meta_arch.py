@@ -9,50 +9,10 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO
+from conftest import REPO, synthetic_sample, tiny_model, two_images
 from soit.modeling import SOIT
 
 CONFIGS = os.path.join(REPO, "configs", "models")
-
-
-def tiny_model(num_classes=3, **overrides):
-    cfg = LazyConfig.load(os.path.join(CONFIGS, "soit_tiny.py"))
-    cfg.model.num_classes = num_classes
-    for key, value in overrides.items():
-        node, attr = cfg.model, key.split(".")
-        for a in attr[:-1]:
-            node = node[a]
-        node[attr[-1]] = value
-    return instantiate(cfg.model)
-
-
-def synthetic_sample(h, w, shapes, height=None, width=None):
-    """An image with filled ellipses (kind 0) / rectangles (kind 1) and their exact masks."""
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    image = torch.full((3, h, w), 30, dtype=torch.uint8)
-    masks, boxes, classes = [], [], []
-    for kind, cy, cx, ry, rx, color in shapes:
-        if kind == 0:
-            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        else:
-            m = ((yy - cy).abs() <= ry) & ((xx - cx).abs() <= rx)
-        image[:, m] = torch.tensor(color, dtype=torch.uint8)[:, None]
-        ys, xs = m.nonzero(as_tuple=True)
-        masks.append(m)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        classes.append(kind)
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).view(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
-    inst.gt_masks = BitMasks(torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool))
-    return {"image": image, "instances": inst, "height": height or h, "width": width or w}
-
-
-def two_images():
-    return [
-        synthetic_sample(96, 96, [(0, 30, 35, 18, 22, (220, 60, 60)), (1, 68, 62, 16, 24, (60, 200, 90))]),
-        synthetic_sample(80, 96, [(1, 28, 60, 16, 26, (80, 80, 230)), (0, 58, 30, 17, 15, (230, 220, 60))]),
-    ]
 
 
 # ------------------------------------------------------------------ config (acceptance 1)

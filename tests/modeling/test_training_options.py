@@ -186,7 +186,7 @@ def test_point_sampling_prefers_uncertain_points_and_stays_in_the_image():
 # ------------------------------------------------------------------ all options in a SOIT training step
 def test_a_training_step_with_every_option():
     from detectron2.utils.events import EventStorage
-    from test_meta_arch import tiny_model, two_images
+    from conftest import tiny_model, two_images
 
     torch.manual_seed(0)
     paper = tiny_model()
@@ -238,7 +238,7 @@ def _transformer_inputs(model):
 
 
 def two_images_first():
-    from test_meta_arch import two_images
+    from conftest import two_images
 
     return two_images()[0]
 

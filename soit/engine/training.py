@@ -1,0 +1,224 @@
+"""The training loop of ``train_net.py``: training, evaluation, resuming, and the checks that
+run before any of it (datasets, class counts, run folders, user files).
+
+``train_net.py`` is its command line; :func:`main` takes the same arguments
+(:func:`argument_parser`), so the quick start and tests call it directly.
+"""
+import json
+import logging
+import os
+
+import torch
+from detectron2.config import instantiate
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
+
+from ..checkpoint.safe_load import SafeCheckpointer, load_config
+from ..data.check import check_registered_dataset
+from ..data.metadata import dataset_metadata
+from ..data.samplers import ResumableTrainingSampler
+from .hooks import ModelEMA, RNGState
+from .overrides import apply_overrides
+from .trainer import SOITTrainer
+
+__all__ = ["argument_parser", "main", "do_train", "do_test", "check_dataset", "check_output_dir", "resume_iteration"]
+
+logger = logging.getLogger("soit")
+
+
+def do_test(cfg, model):
+    """Evaluate ``model`` on ``cfg.dataloader.test``; results also go to eval_results.json."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+        with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def build_train_loader(cfg, start_iter):
+    """The training loader; a resumed run's sampler skips the images already seen."""
+    loader = cfg.dataloader.train
+    dataset = instantiate(loader.dataset)
+    check_dataset(cfg, loader.dataset.get("names"))
+    per_rank = loader.total_batch_size // comm.get_world_size()
+    seed = cfg.train.get("seed", -1)
+    sampler = ResumableTrainingSampler(len(dataset), seed=None if seed < 0 else seed, skip=start_iter * per_rank)
+    kwargs = {k: instantiate(v) for k, v in loader.items() if k not in ("_target_", "dataset", "sampler")}
+    target = loader._target_
+    return (locate(target) if isinstance(target, str) else target)(dataset=dataset, sampler=sampler, **kwargs)
+
+
+def check_dataset(cfg, names):
+    """The model's classes and input format must be the dataset's (class names read from the
+    dataset's JSON when it has not been loaded yet)."""
+    fmt = cfg.dataloader.train.mapper.get("image_format")
+    if fmt is not None and fmt != cfg.model.input_format:
+        raise ValueError(
+            f"dataloader.train.mapper.image_format={fmt!r} but model.input_format={cfg.model.input_format!r}: "
+            "the model would see the channels in the wrong order; set both to the same value"
+        )
+    for name in _names(names):
+        classes = dataset_metadata(name).get("thing_classes")
+        if classes is not None and len(classes) != cfg.model.num_classes:
+            raise ValueError(
+                f"dataset {name!r} has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
+                f"add the override model.num_classes={len(classes)}"
+            )
+
+
+def _names(names):
+    return [names] if isinstance(names, str) else list(names or [])
+
+
+def check_output_dir(cfg, resume):
+    """Never overwrite a previous run's checkpoints without being asked."""
+    if not resume and os.path.exists(os.path.join(cfg.train.output_dir, "last_checkpoint")):
+        raise SystemExit(
+            f"{cfg.train.output_dir} already holds a training run (last_checkpoint). Pass --resume to continue it, "
+            "or choose another train.output_dir=..., or delete the folder."
+        )
+
+
+def resume_iteration(path):
+    """The iteration after the one saved in ``path``; a damaged file is named with the others
+    in its folder that --resume could use instead."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        folder = os.path.dirname(path)
+        others = sorted(f for f in os.listdir(folder) if f.endswith(".pth") and f != os.path.basename(path))
+        hint = (
+            f"; other checkpoints in {folder}: {', '.join(others)} (write one's name into "
+            f"{os.path.join(folder, 'last_checkpoint')} to resume from it)"
+            if others
+            else ""
+        )
+        raise SystemExit(f"--resume: the last checkpoint {path} cannot be read ({type(e).__name__}: {e}){hint}") from e
+    return saved.get("iteration", -1) + 1
+
+
+def do_train(args, cfg):
+    check_output_dir(cfg, args.resume)
+    model = instantiate(cfg.model).to(cfg.train.device)
+    logger.info(f"Model:\n{model}")
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    ema = ModelEMA(model, cfg.train.model_ema.decay) if cfg.train.model_ema.enabled else None
+
+    # random states resume exactly in a single process; several ranks keep their own seeds
+    # (the EMA, a hook, is saved with the trainer's state)
+    checkpointables = {"rng": RNGState()} if comm.get_world_size() == 1 else {}
+    checkpointer = SafeCheckpointer(
+        model, cfg.train.output_dir, trust_pickle=getattr(args, "trust_pickle", False), **checkpointables
+    )
+    start_iter = 0
+    if args.resume and checkpointer.has_checkpoint():
+        # know where the run stopped before building the loader, so the data stream continues
+        start_iter = resume_iteration(checkpointer.get_checkpoint_file())
+
+    train_loader = build_train_loader(cfg, start_iter)
+    ddp = dict(cfg.train.ddp)
+    if cfg.train.device == "cpu":
+        ddp.setdefault("device_ids", None)
+    model = create_ddp_model(model, **ddp)
+    trainer = SOITTrainer(
+        model,
+        train_loader,
+        optimizer,
+        precision=cfg.train.amp.precision if cfg.train.amp.enabled else "fp32",
+        clip_grad_norm=cfg.train.clip_grad_norm,
+    )
+    checkpointer.add_checkpointable("trainer", trainer)
+    eval_model = ema.shadow if ema is not None else model
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            ema,
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            # evaluate before checkpointing: a resumed run then starts from the same state
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, eval_model)),
+            hooks.BestCheckpointer(cfg.train.eval_period, checkpointer, cfg.train.best_metric, "max")
+            if comm.is_main_process() and cfg.train.best_metric and "evaluator" in cfg.dataloader
+            else None,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        start_iter = trainer.iter + 1
+    trainer.train(start_iter, cfg.train.max_iter)
+    trainer.checkpointer = checkpointer  # what was saved, for callers that inspect the run
+    return trainer
+
+
+def register_datasets(specs):
+    """``--register-coco NAME JSON IMAGE_ROOT``: ``register_coco_instances`` with the files checked."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    for name, json_file, image_root in specs:
+        if not os.path.isfile(json_file):
+            raise SystemExit(f"--register-coco {name}: the annotation file {json_file} does not exist")
+        if not os.path.isdir(image_root):
+            raise SystemExit(f"--register-coco {name}: the image folder {image_root} does not exist")
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
+                continue  # registered by an earlier call in this process
+            raise SystemExit(f"--register-coco {name}: another dataset of that name is already registered")
+        register_coco_instances(name, {}, json_file, image_root)
+
+
+def main(args):
+    register_datasets(getattr(args, "register_coco", []))
+    cfg = apply_overrides(load_config(args.config_file, getattr(args, "trust_config", False)), args.opts)
+    if not args.eval_only:  # before default_setup writes config.yaml into the run folder
+        check_output_dir(cfg, args.resume)
+    default_setup(cfg, args)
+    # our warnings (skipped images, dropped annotations, dataset problems) go to the run's log.txt too
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="soit")
+    # a ground truth that would make COCO evaluation crash or lie is refused before training
+    queries = cfg.model.get("transformer", {}).get("num_queries", 0)
+    for name in [] if args.eval_only else _names(cfg.dataloader.train.dataset.get("names")):
+        check_registered_dataset(name, num_queries=queries)
+    for name in _names(cfg.dataloader.test.dataset.get("names")) if "evaluator" in cfg.dataloader else []:
+        check_registered_dataset(name, evaluation=True, num_queries=queries)
+    if args.eval_only:
+        if not cfg.train.init_checkpoint:
+            raise SystemExit("--eval-only needs the weights to evaluate: add train.init_checkpoint=<checkpoint>")
+        check_dataset(cfg, cfg.dataloader.test.dataset.get("names"))
+        model = instantiate(cfg.model).to(cfg.train.device)
+        model = create_ddp_model(model, **({"device_ids": None} if cfg.train.device == "cpu" else {}))
+        trust = getattr(args, "trust_pickle", False)
+        # every weight must come from the checkpoint: a random classifier would be evaluated otherwise
+        SafeCheckpointer(model, trust_pickle=trust, complete=True).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    return do_train(args, cfg)
+
+
+def argument_parser():
+    """detectron2's parser with the opt-ins for user files that can run code."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--trust-pickle", action="store_true",
+        help="read checkpoints with full unpickling (runs any code the file holds: trusted files only)",
+    )
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME before the config is read (repeatable)",
+    )
+    parser.add_argument(
+        "--trust-config", action="store_true",
+        help="read a YAML config without refusing Python tags and unknown _target_ callables (trusted files only)",
+    )  # fmt: skip
+    return parser
