@@ -5,20 +5,33 @@ from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from soit.data import SOITDatasetMapper, detr_augmentations
+from soit.data import SOITDatasetMapper
 
 dataloader = OmegaConf.create()
 
-augmentation, augmentation_with_crop = detr_augmentations(
-    min_sizes=tuple(range(480, 801, 32)), max_size=1333, crop_min_sizes=(400, 500, 600), crop_size=(384, 600)
-)
 dataloader.train = L(build_detection_train_loader)(
     # images without annotations are kept: they teach the classifier what background is
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=False),
+    # DETR's augmentation: each image goes through one of the two lists (probability 1/2);
+    # every step is a LazyCall, so e.g. dataloader.train.mapper.augmentation.1.max_size=1000
+    # works on the command line (soit.data.detr_augmentations builds the same lists in Python)
     mapper=L(SOITDatasetMapper)(
         is_train=True,
-        augmentation=augmentation,
-        augmentation_with_crop=augmentation_with_crop,
+        augmentation=[
+            L(T.RandomFlip)(prob=0.5, horizontal=True, vertical=False),
+            L(T.ResizeShortestEdge)(short_edge_length=list(range(480, 801, 32)), max_size=1333, sample_style="choice"),
+        ],
+        augmentation_with_crop=[
+            L(T.RandomFlip)(prob="${...augmentation.0.prob}", horizontal=True, vertical=False),
+            L(T.ResizeShortestEdge)(short_edge_length=[400, 500, 600], sample_style="choice"),
+            L(T.RandomCrop)(crop_type="absolute_range", crop_size=(384, 600)),
+            # the final resize of the other list
+            L(T.ResizeShortestEdge)(
+                short_edge_length="${...augmentation.1.short_edge_length}",
+                max_size="${...augmentation.1.max_size}",
+                sample_style="choice",
+            ),
+        ],
         image_format="RGB",  # must equal model.input_format (train_net.py checks)
     ),
     total_batch_size=32,
