@@ -64,7 +64,9 @@ def criterion(**kwargs):
 def run_losses(crit, outputs, targets, mask_inputs, head=None):
     """What SOIT.losses does: match, the mask head on the matched queries, the losses."""
     model = SimpleNamespace(criterion=crit, mask_head=head or InstanceAwareMaskHead())
-    model.matched_mask_logits = lambda *args: SOIT.matched_mask_logits(model, *args)
+    model.transformer = SimpleNamespace(num_queries=outputs["pred_logits"].shape[2])  # no other query group
+    for name in ("_set_losses", "matched_mask_logits"):
+        setattr(model, name, getattr(SOIT, name).__get__(model))
     return SOIT.losses(model, outputs, mask_inputs, targets)
 
 
