@@ -105,7 +105,6 @@ def main(argv=None):
 
     from detectron2.config import LazyConfig, instantiate
     from detectron2.engine import default_argument_parser, default_setup
-    from detectron2.utils.logger import setup_logger
 
     from soit.data.nuclei import prepare_nuclei, register_nuclei
     from soit.engine import training
@@ -118,7 +117,7 @@ def main(argv=None):
     cfg = apply_overrides(cfg, [f"train.output_dir={args.output_dir}"] + list(args.opts))
     train_args = default_argument_parser().parse_args(["--config-file", CONFIG])
     default_setup(cfg, train_args)
-    setup_logger(args.output_dir, name="soit")  # skipped images and dropped annotations into log.txt
+    training.setup_soit_logger(args.output_dir)  # skipped images and dropped annotations into log.txt
 
     start = time.time()
     model = instantiate(cfg.model)

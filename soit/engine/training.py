@@ -25,7 +25,16 @@ from .hooks import ModelEMA, RNGState
 from .overrides import apply_overrides
 from .trainer import SOITTrainer
 
-__all__ = ["argument_parser", "main", "do_train", "do_test", "check_dataset", "check_output_dir", "resume_iteration"]
+__all__ = [
+    "argument_parser",
+    "main",
+    "setup_soit_logger",
+    "do_train",
+    "do_test",
+    "check_dataset",
+    "check_output_dir",
+    "resume_iteration",
+]
 
 logger = logging.getLogger("soit")
 
@@ -179,6 +188,15 @@ def register_datasets(specs):
         register_coco_instances(name, {}, json_file, image_root)
 
 
+def setup_soit_logger(output_dir):
+    """The ``soit`` logger (skipped images, dropped annotations, dataset problems) writes to
+    the console and the run's ``log.txt``, at INFO and above (its per-image DEBUG notes stay
+    out of both, as before)."""
+    logger = setup_logger(output_dir, distributed_rank=comm.get_rank(), name="soit")
+    logger.setLevel(logging.INFO)
+    return logger
+
+
 def main(args):
     register_datasets(getattr(args, "register_coco", []))
     cfg = apply_overrides(load_config(args.config_file, getattr(args, "trust_config", False)), args.opts)
@@ -186,7 +204,7 @@ def main(args):
         check_output_dir(cfg, args.resume)
     default_setup(cfg, args)
     # our warnings (skipped images, dropped annotations, dataset problems) go to the run's log.txt too
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="soit")
+    setup_soit_logger(cfg.train.output_dir)
     # a ground truth that would make COCO evaluation crash or lie is refused before training
     queries = cfg.model.get("transformer", {}).get("num_queries", 0)
     for name in [] if args.eval_only else _names(cfg.dataloader.train.dataset.get("names")):
