@@ -180,3 +180,35 @@ def two_images():
     ]
 
 
+
+
+def separated_tiny_model(num_classes=3):
+    """:func:`tiny_model` (seed 0, eval mode) with well separated class scores, so that the
+    top-k order of its detections cannot flip on float rounding."""
+    import torch
+
+    torch.manual_seed(0)
+    model = tiny_model(num_classes=num_classes).eval()
+    torch.nn.init.normal_(model.cls_branches[-1].weight, std=0.5)
+    return model
+
+
+def check_label_image_entry(pixels, anns):
+    """One image of a shipped fluorescence dataset and its COCO annotations: a gray RGB
+    uint8 image, RLE masks that never overlap, exact areas and boxes, nuclei brighter than
+    the background. Returns the (n, h, w) bool masks."""
+    import pycocotools.mask as mask_util
+
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
+    masks = np.stack([mask_util.decode(a["segmentation"]) for a in anns]).astype(bool)
+    assert masks.sum(0).max() == 1, "instances of a label map never overlap"
+    for a, m in zip(anns, masks):
+        assert a["iscrowd"] == 0 and a["category_id"] == 1
+        assert a["area"] == m.sum() > 0
+        ys, xs = np.nonzero(m)
+        assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    # image and labels are aligned: nuclei are the bright blobs of a fluorescence image
+    inside, outside = pixels[..., 0][masks.any(0)].mean(), pixels[..., 0][~masks.any(0)].mean()
+    assert inside > outside + 40
+    return masks

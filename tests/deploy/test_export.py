@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_tool, synthetic_sample, tiny_model
+from conftest import REPO, load_tool, separated_tiny_model, synthetic_sample, tiny_model
 from PIL import Image
 
 from soit import export
@@ -29,11 +29,7 @@ def _image(h, w):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = tiny_model(num_classes=3).eval()
-    # well separated scores, so that the top-k order cannot flip on float rounding
-    torch.nn.init.normal_(model.cls_branches[-1].weight, std=0.5)
-    return model
+    return separated_tiny_model()
 
 
 def _eager(model, image):

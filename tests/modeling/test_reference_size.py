@@ -9,7 +9,7 @@ from detectron2.utils.events import EventStorage
 from soit.layers.position_encoding import sine_position_encoding
 from soit.modeling.box_ops import apply_box_delta
 from soit.modeling.mask_head import mask_position_encoding as mask_sine_encoding
-from test_meta_arch import synthetic_sample, tiny_model, two_images
+from conftest import synthetic_sample, tiny_model, two_images
 
 
 def _image(h, w):

@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from soit import export
 from soit.modeling.tiling import TileDetections, merge_tile_detections, tile_windows, tiled_predict
-from test_meta_arch import synthetic_sample, tiny_model
+from conftest import separated_tiny_model, synthetic_sample, tiny_model
 
 
 @pytest.mark.parametrize("size,tile,overlap", [((200, 260), 96, 40), ((96, 300), 128, 32), ((64, 64), 96, 16)])
@@ -115,10 +115,7 @@ def _image():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = tiny_model(num_classes=3).eval()
-    torch.nn.init.normal_(model.cls_branches[-1].weight, std=0.5)
-    return model
+    return separated_tiny_model()
 
 
 def test_soit_tiled_inference_in_the_original_size(model):
