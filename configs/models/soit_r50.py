@@ -24,9 +24,9 @@ model = L(SOIT)(
         freeze_at=2,
     ),
     in_features=["res3", "res4", "res5"],
-    neck=L(ChannelMapper)(in_channels=[512, 1024, 2048], out_channels=256, num_extra_levels=1),
+    neck=L(ChannelMapper)(in_channels=[512, 1024, 2048], out_channels="${..embed_dim}", num_extra_levels=1),
     transformer=L(DeformableTransformer)(
-        embed_dim=256,
+        embed_dim="${..embed_dim}",
         num_heads=8,
         num_levels=4,
         num_points=4,
@@ -44,7 +44,11 @@ model = L(SOIT)(
     ),
     # paper Table 4: mask-encoder layers (0 = Linear + LayerNorm on P3 only)
     mask_encoder=L(MaskEncoder)(
-        embed_dim=256, mask_channels="${..mask_head.mask_channels}", num_layers=1, ffn_dim=1024, dropout=0.1
+        embed_dim="${..embed_dim}",
+        mask_channels="${..mask_head.mask_channels}",
+        num_layers=1,
+        ffn_dim="${..transformer.ffn_dim}",
+        dropout="${..transformer.dropout}",
     ),
     # paper Tables 2-3 and 5: heads M, mask channels C_mask, position encoding
     mask_head=L(InstanceAwareMaskHead)(mask_channels=8, num_heads=4, num_points=4, pos_encoding="relative"),
