@@ -1,9 +1,33 @@
-"""Class names of a registered dataset without loading its images or annotations."""
+"""Registered COCO datasets: registering once, and their class names without loading them."""
 import json
+import os
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["dataset_metadata"]
+__all__ = ["dataset_metadata", "register_coco_once"]
+
+
+def register_coco_once(name, json_file, image_root, metadata=None):
+    """``register_coco_instances(name, metadata, json_file, image_root)``, idempotent: a name
+    already registered with the same files (same real paths) is left alone; one registered
+    with other files raises ``ValueError`` (re-registering would silently change what a
+    running experiment reads)."""
+    from detectron2.data.datasets import register_coco_instances
+
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        registered = (meta.get("json_file"), meta.get("image_root"))
+        same = all(
+            p is not None and os.path.realpath(p) == os.path.realpath(q)
+            for p, q in zip(registered, (json_file, image_root))
+        )
+        if same:
+            return
+        raise ValueError(
+            f"dataset {name!r} is already registered with json_file={registered[0]!r}, image_root={registered[1]!r}, "
+            f"not with {json_file!r}, {image_root!r}; use another name or remove the old registration first"
+        )
+    register_coco_instances(name, dict(metadata or {}), json_file, image_root)
 
 
 def dataset_metadata(name):

@@ -147,24 +147,9 @@ def register_nuclei(root: str = "datasets/nuclei", names: Sequence[str] = ("nucl
     A name already registered with the same files is left alone; one registered with
     other files is an error (re-registering would silently change a running experiment).
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
+    from .metadata import register_coco_once
 
     outputs = _outputs(root)
     for name, json_file in zip(names, (outputs["train_json"], outputs["val_json"])):
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            registered = (getattr(meta, "json_file", None), getattr(meta, "image_root", None))
-            same = all(
-                p is not None and os.path.realpath(p) == os.path.realpath(q)
-                for p, q in zip(registered, (json_file, outputs["image_root"]))
-            )
-            if same:
-                continue
-            raise ValueError(
-                f"dataset {name!r} is already registered with json_file={registered[0]!r}, "
-                f"image_root={registered[1]!r}, not with {json_file!r}, {outputs['image_root']!r}; "
-                "use other names (the `names` argument) or remove the old registration first"
-            )
         # thing_classes up front lets configs check the class count before the data is loaded.
-        register_coco_instances(name, {"thing_classes": ["nucleus"]}, json_file, outputs["image_root"])
+        register_coco_once(name, json_file, outputs["image_root"], {"thing_classes": ["nucleus"]})

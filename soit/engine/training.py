@@ -19,7 +19,7 @@ from detectron2.utils.registry import locate
 
 from ..checkpoint.safe_load import SafeCheckpointer, load_config
 from ..data.check import check_registered_dataset
-from ..data.metadata import dataset_metadata
+from ..data.metadata import dataset_metadata, register_coco_once
 from ..data.samplers import ResumableTrainingSampler
 from .hooks import ModelEMA, RNGState
 from .overrides import apply_overrides
@@ -172,20 +172,15 @@ def do_train(args, cfg):
 
 def register_datasets(specs):
     """``--register-coco NAME JSON IMAGE_ROOT``: ``register_coco_instances`` with the files checked."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-
     for name, json_file, image_root in specs:
         if not os.path.isfile(json_file):
             raise SystemExit(f"--register-coco {name}: the annotation file {json_file} does not exist")
         if not os.path.isdir(image_root):
             raise SystemExit(f"--register-coco {name}: the image folder {image_root} does not exist")
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
-                continue  # registered by an earlier call in this process
-            raise SystemExit(f"--register-coco {name}: another dataset of that name is already registered")
-        register_coco_instances(name, {}, json_file, image_root)
+        try:
+            register_coco_once(name, json_file, image_root)
+        except ValueError as e:  # another dataset of that name is already registered
+            raise SystemExit(f"--register-coco {name}: {e}") from e
 
 
 def setup_soit_logger(output_dir):
