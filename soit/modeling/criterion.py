@@ -297,6 +297,8 @@ class SetCriterion(nn.Module):
             )
         if mask_loss_layers is not None and mask_loss_layers < 0:
             raise ValueError(f"mask_loss_layers must be None (all layers) or >= 0, got {mask_loss_layers}")
+        if one2many_repeats < 1:
+            raise ValueError(f"one2many_repeats must be >= 1, got {one2many_repeats}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.cls_weight = cls_weight
@@ -313,12 +315,10 @@ class SetCriterion(nn.Module):
         self.mask_loss_padding = mask_loss_padding
         self.mask_upsample = mask_upsample
         self.mask_loss_points = mask_loss_points
-        if one2many_repeats < 1:
-            raise ValueError(f"one2many_repeats must be >= 1, got {one2many_repeats}")
-        self.one2many_repeats = one2many_repeats
-        self.one2many_weight = one2many_weight
         self.mask_loss_oversample = mask_loss_oversample
         self.mask_loss_importance = mask_loss_importance
+        self.one2many_repeats = one2many_repeats
+        self.one2many_weight = one2many_weight
 
     def num_gts(self, targets, device):
         """Ground truths in the batch, averaged over processes, at least 1 (a float)."""
