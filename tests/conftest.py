@@ -67,18 +67,40 @@ def write_synthetic_coco(root, num_images=4):
         json.dump({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "blob"}]}, f)
 
 
-def register_synthetic(name, root, num_images=4):
-    """:func:`write_synthetic_coco` under ``root``, registered as ``name`` (an earlier
-    registration of that name is replaced)."""
+def register_coco_replacing(name, json_file, image_root):
+    """``register_coco_instances(name, {}, json_file, image_root)``, replacing an earlier
+    registration of ``name`` (tests register fresh files under fixed names)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    write_synthetic_coco(root, num_images=num_images)
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, os.path.join(root, "train.json"), os.path.join(root, "images"))
+    register_coco_instances(name, {}, json_file, image_root)
     return name
+
+
+def register_synthetic(name, root, num_images=4):
+    """:func:`write_synthetic_coco` under ``root``, registered as ``name`` (an earlier
+    registration of that name is replaced)."""
+    write_synthetic_coco(root, num_images=num_images)
+    return register_coco_replacing(name, os.path.join(root, "train.json"), os.path.join(root, "images"))
+
+
+QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
+
+
+def save_random_quickstart_weights(path, seed=0):
+    """Save the weights of a randomly initialised quick-start model (``{"model": state}``)
+    to ``path``; returns the state dict."""
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+
+    torch.manual_seed(seed)
+    state = instantiate(LazyConfig.load(QUICKSTART).model).state_dict()
+    if path is not None:
+        torch.save({"model": state}, path)
+    return state
 
 
 def dataset_overrides(train=None, test=None):

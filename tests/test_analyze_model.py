@@ -2,7 +2,6 @@
 attention counted (checked against a count by hand), activations."""
 import math
 import os
-import sys
 
 import pytest
 import torch

@@ -1,13 +1,10 @@
 """tools/demo.py in-process: images, folders, video, output safety and error messages."""
 import os
-import sys
 
 import cv2
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, load_tool
-from detectron2.config import LazyConfig, instantiate
+from conftest import REPO, load_tool, save_random_quickstart_weights
 
 
 demo = load_tool("demo")
@@ -20,9 +17,8 @@ FAST = ["--confidence-threshold", "0", "model.max_detections=5"]
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("demo_weights") / "random.pth")
-    torch.save({"model": instantiate(LazyConfig.load(QUICKSTART).model).state_dict()}, path)
+    save_random_quickstart_weights(path)
     return path
 
 

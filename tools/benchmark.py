@@ -25,7 +25,6 @@ would.
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import time

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, dataset_overrides, load_tool
+from conftest import REPO, dataset_overrides, load_tool, save_random_quickstart_weights
 from detectron2.config import LazyConfig, instantiate
 
 from soit.engine import training as train_net
@@ -31,8 +31,7 @@ class _Touch:
 
 @pytest.fixture(scope="module")
 def state():
-    torch.manual_seed(0)
-    return instantiate(LazyConfig.load(QUICKSTART).model).state_dict()
+    return save_random_quickstart_weights(None)
 
 
 @pytest.fixture()

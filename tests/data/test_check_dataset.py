@@ -2,12 +2,9 @@
 import copy
 import json
 import os
-import sys
 
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
-from conftest import REPO, dataset_overrides, load_tool, write_synthetic_coco
+from conftest import REPO, dataset_overrides, load_tool, register_coco_replacing, write_synthetic_coco
 
 from soit.engine import training as train_net
 from soit.data.check import check_coco_json, encoder_tokens, min_image_side
@@ -94,10 +91,7 @@ def test_train_net_refuses_an_evaluation_set_that_would_crash_coco_eval(clean, s
     root, data = clean
     path = variant(root, data, "eval_empty_polygon", CASES["empty_polygons"][0])
     name = "test_check_eval_empty_polygon"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, path, os.path.join(root, "images"))
+    register_coco_replacing(name, path, os.path.join(root, "images"))
     out = tmp_path / "run"
     args = train_net.argument_parser().parse_args(
         ["--config-file", QUICKSTART, f"train.output_dir={out}", "train.max_iter=1",

@@ -3,10 +3,8 @@ import os
 
 import torch
 from detectron2.config import LazyConfig
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 
-from conftest import shared_file, write_synthetic_coco
+from conftest import register_coco_replacing, shared_file, write_synthetic_coco
 from soit.checkpoint import convert_checkpoint, infer_architecture, model_config_for
 from test_train_net import QUICKSTART, run
 
@@ -19,10 +17,7 @@ def test_finetune_converted_official_weights_with_one_class(tmp_path):
     root = str(tmp_path / "blobs")
     write_synthetic_coco(root)
     name = "test_finetune_blobs"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, os.path.join(root, "train.json"), os.path.join(root, "images"))
+    register_coco_replacing(name, os.path.join(root, "train.json"), os.path.join(root, "images"))
 
     cfg = LazyConfig.load(QUICKSTART)
     arch = infer_architecture(torch.load(official, weights_only=True)["state_dict"])

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, save_random_quickstart_weights
 from detectron2.config import LazyCall as L
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 
@@ -20,11 +20,8 @@ OVERRIDES = ["model.max_detections=10"]
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    state = instantiate(LazyConfig.load(QUICKSTART).model).state_dict()
     path = str(tmp_path_factory.mktemp("predictor") / "random.pth")
-    torch.save({"model": state}, path)
-    return path, state
+    return path, save_random_quickstart_weights(path)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, write_synthetic_coco
+from conftest import REPO, register_coco_replacing, write_synthetic_coco
 
 from soit.engine import training as train_net
 from detectron2.config import LazyConfig
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser
 
@@ -20,10 +19,7 @@ def blobs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("blobs"))
     write_synthetic_coco(root)
     name = "test_blobs_train"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, os.path.join(root, "train.json"), os.path.join(root, "images"))
+    register_coco_replacing(name, os.path.join(root, "train.json"), os.path.join(root, "images"))
     return root
 
 

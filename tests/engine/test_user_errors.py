@@ -5,10 +5,16 @@ import os
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
-from conftest import REPO, dataset_overrides, load_tool, write_synthetic_coco
+from conftest import (
+    REPO,
+    dataset_overrides,
+    load_tool,
+    register_coco_replacing,
+    save_random_quickstart_weights,
+    write_synthetic_coco,
+)
 
 from soit.engine import training as train_net
 from soit.checkpoint.safe_load import IncompleteCheckpointError
@@ -41,18 +47,14 @@ def two_class_data(tmp_path_factory):
         a["category_id"] = 3
     json.dump(data, open(path, "w"))
     name = "test_user_errors_two_classes"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, path, os.path.join(root, "images"))
+    register_coco_replacing(name, path, os.path.join(root, "images"))
     return name
 
 
 @pytest.fixture(scope="module")
 def one_class_weights(tmp_path_factory):
-    torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("weights") / "one_class.pth")
-    torch.save({"model": instantiate(LazyConfig.load(QUICKSTART).model).state_dict()}, path)
+    save_random_quickstart_weights(path)
     return path
 
 
@@ -190,10 +192,7 @@ def test_unreadable_images_are_logged_in_the_run_log_and_none_readable_is_said(t
         with open(os.path.join(root, "images", name), "wb") as f:
             f.write(b"not an image")
     name = "test_user_errors_unreadable"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, os.path.join(root, "train.json"), os.path.join(root, "images"))
+    register_coco_replacing(name, os.path.join(root, "train.json"), os.path.join(root, "images"))
     run = tmp_path / "run"
     args = train_net.argument_parser().parse_args(
         ["--config-file", QUICKSTART, f"train.output_dir={run}", "train.max_iter=1", "dataloader.train.total_batch_size=1",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import REPO, synthetic_sample, tiny_model, two_images
