@@ -69,6 +69,10 @@ model = L(SOIT)(
         mask_loss_points=0,  # 0: dense Dice + BCE (paper); P: at P sampled points per mask
         one2many_repeats=6,  # H-DETR, with transformer.num_queries_one2many > 0
         one2many_weight=1.0,
+        # masks of the training-only groups (one-to-many, denoising): on their last N decoder
+        # layers (None: as mask_loss_layers), and at P points per mask only (0: as the rest)
+        extra_mask_loss_layers=None,
+        extra_mask_loss_points=0,
     ),
     # denoising queries with masks (DN-DETR / DINO / Mask DINO): None = off (the paper), or
     # L(DenoisingQueries)(num_classes="${..num_classes}", embed_dim="${..embed_dim}", groups=5)

@@ -247,6 +247,16 @@ class SetCriterion(nn.Module):
             (``transformer.num_queries_one2many``, H-DETR, Jia et al., CVPR 2023): each
             ground truth is repeated this many times for its matching, and its losses are
             multiplied by the weight (H-DETR: 6 and 1.0). Unused without that group.
+        extra_mask_loss_layers: mask losses of the training-only groups (one-to-many and
+            denoising queries) on their last this-many decoder layers; None = as
+            ``mask_loss_layers``.
+        extra_mask_loss_points: 0 = the training-only groups' masks are predicted and
+            supervised as the one-to-one queries' are. P > 0: the model evaluates their mask
+            head at P points per mask only (``InstanceAwareMaskHead.forward_at_points``;
+            uncertain points found on a gradient-free full map, with
+            ``mask_loss_oversample`` / ``mask_loss_importance``), so that their memory grows
+            with P instead of the image size (PointRend / Mask2Former, applied to the mask
+            head itself). Needs ``mask_loss_padding="exclude"``.
     """
 
     def __init__(
@@ -273,6 +283,8 @@ class SetCriterion(nn.Module):
         mask_loss_importance=0.75,
         one2many_repeats=6,
         one2many_weight=1.0,
+        extra_mask_loss_layers=None,
+        extra_mask_loss_points=0,
     ):
         super().__init__()
         if mask_head is not None:
@@ -290,13 +302,17 @@ class SetCriterion(nn.Module):
                 "mask_loss_points must be >= 0, mask_loss_oversample >= 1 and mask_loss_importance in [0, 1]; got "
                 f"{mask_loss_points}, {mask_loss_oversample}, {mask_loss_importance}"
             )
-        if mask_loss_points and mask_loss_padding != "exclude":
-            raise ValueError(
-                "point-sampled mask losses (mask_loss_points > 0) sample the image only: they need "
-                f"mask_loss_padding='exclude', got {mask_loss_padding!r}"
-            )
-        if mask_loss_layers is not None and mask_loss_layers < 0:
-            raise ValueError(f"mask_loss_layers must be None (all layers) or >= 0, got {mask_loss_layers}")
+        if extra_mask_loss_points < 0:
+            raise ValueError(f"extra_mask_loss_points must be >= 0, got {extra_mask_loss_points}")
+        for name, points in (("mask_loss_points", mask_loss_points), ("extra_mask_loss_points", extra_mask_loss_points)):
+            if points and mask_loss_padding != "exclude":
+                raise ValueError(
+                    f"point-sampled mask losses ({name} > 0) sample the image only: they need "
+                    f"mask_loss_padding='exclude', got {mask_loss_padding!r}"
+                )
+        for name, layers in (("mask_loss_layers", mask_loss_layers), ("extra_mask_loss_layers", extra_mask_loss_layers)):
+            if layers is not None and layers < 0:
+                raise ValueError(f"{name} must be None (all layers) or >= 0, got {layers}")
         if one2many_repeats < 1:
             raise ValueError(f"one2many_repeats must be >= 1, got {one2many_repeats}")
         self.num_classes = num_classes
@@ -319,6 +335,8 @@ class SetCriterion(nn.Module):
         self.mask_loss_importance = mask_loss_importance
         self.one2many_repeats = one2many_repeats
         self.one2many_weight = one2many_weight
+        self.extra_mask_loss_layers = extra_mask_loss_layers
+        self.extra_mask_loss_points = extra_mask_loss_points
 
     def num_gts(self, targets, device):
         """Ground truths in the batch, averaged over processes, at least 1 (a float)."""
@@ -328,11 +346,15 @@ class SetCriterion(nn.Module):
             n = n / dist.get_world_size()
         return n.clamp(min=1).item()
 
-    def mask_layers(self, num_layers):
-        """The decoder layers with mask losses: the last ``mask_loss_layers`` of ``num_layers``."""
-        k = num_layers if self.mask_loss_layers is None else self.mask_loss_layers
+    def mask_layers(self, num_layers, extra=False):
+        """The decoder layers with mask losses: the last ``mask_loss_layers`` of ``num_layers``
+        (with ``extra``, of a training-only group: ``extra_mask_loss_layers`` if set)."""
+        name, k = "mask_loss_layers", self.mask_loss_layers
+        if extra and self.extra_mask_loss_layers is not None:
+            name, k = "extra_mask_loss_layers", self.extra_mask_loss_layers
+        k = num_layers if k is None else k
         if k > num_layers:
-            raise ValueError(f"mask_loss_layers={k} but the decoder has only {num_layers} layers")
+            raise ValueError(f"{name}={k} but the decoder has only {num_layers} layers")
         return list(range(num_layers - k, num_layers))
 
     @staticmethod
@@ -387,13 +409,16 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou.diagonal()).sum() / num_gts
         return self.cls_weight * loss_cls, self.bbox_weight * loss_bbox, self.giou_weight * loss_giou
 
-    def mask_losses(self, mask_logits, mask_padding, targets, matches, layers, num_gts):
+    def mask_losses(self, mask_logits, mask_padding, targets, matches, layers, num_gts, mask_points=None):
         """Dice and BCE of the matched queries' masks, per layer.
 
         Args:
             mask_logits: (N, h, w) mask logits at the mask-feature stride, rows in the order
-                of :func:`matched_queries` ``(matches, layers)``.
+                of :func:`matched_queries` ``(matches, layers)``; or, with ``mask_points``,
+                (N, P) logits at those points.
             mask_padding: (B, h, w) bool, True at padding.
+            mask_points: None, or (N, P, 2) (x, y) in [0, 1] of the padded map where
+                ``mask_logits`` were evaluated: Dice and BCE over those points.
 
         Returns:
             (dice, bce), each (len(layers),), weighted.
@@ -429,7 +454,9 @@ class SetCriterion(nn.Module):
 
         img_idx = index["image"].to(device)
         rows = index["target"].to(device) + torch.as_tensor(offsets, device=device)[img_idx]
-        if self.mask_loss_points:
+        if mask_points is not None:
+            dice, bce = self._losses_at_points(mask_logits.float(), torch.cat(resized)[rows], mask_points)
+        elif self.mask_loss_points:
             dice, bce = self._point_losses(mask_logits.float(), torch.cat(resized)[rows], mask_padding[img_idx])
         else:
             probs = aligned_bilinear(mask_logits[:, None].float(), self.mask_upsample)[:, 0].sigmoid()
@@ -449,12 +476,16 @@ class SetCriterion(nn.Module):
         points = sample_mask_points(
             logits, extent, self.mask_loss_points, self.mask_loss_oversample, self.mask_loss_importance
         )
-        point_logits = point_sample(logits, points)
+        return self._losses_at_points(point_sample(logits, points), targets, points)
+
+    @staticmethod
+    def _losses_at_points(point_logits, targets, points):
+        """Dice and mean BCE of (N, P) logits against (N, H, W) targets read at the points."""
         point_targets = point_sample(targets.float(), points)
         bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none").mean(1)
         return dice_loss(point_logits.sigmoid(), point_targets), bce
 
-    def forward(self, outputs, targets, matches=None, num_gts=None):
+    def forward(self, outputs, targets, matches=None, num_gts=None, mask_layers=None):
         """
         Args:
             outputs: dict with
@@ -466,13 +497,15 @@ class SetCriterion(nn.Module):
                 with mask losses, "mask_logits" (N, h, w): the mask head's logits of the
                     matched queries of :meth:`mask_layers`, rows in the order of
                     :func:`matched_queries`, and "mask_padding" (B, h, w) bool (True =
-                    padding).
+                    padding); optionally "mask_points" (N, P, 2): the logits are (N, P)
+                    at these points (:meth:`mask_losses`).
             targets: list of B dicts with "labels" (n,) long, "boxes" (n, 4) cxcywh
                 normalized by the image's valid (w, h), "masks" (n, H_pad, W_pad) float or
                 bool, zero-padded to the padded batch image size (needed with mask losses).
             matches: what :meth:`match` returned for these outputs (computed when None; the
                 mask logits must follow the same matches).
             num_gts: the normaliser of every loss (default: :meth:`num_gts` of ``targets``).
+            mask_layers: the decoder layers with mask losses (default :meth:`mask_layers`).
 
         Returns:
             dict of weighted scalar losses: "loss_cls", "loss_bbox", "loss_giou",
@@ -498,7 +531,7 @@ class SetCriterion(nn.Module):
             s = suffix(layer)
             losses.update({f"loss_cls{s}": cls, f"loss_bbox{s}": bbox, f"loss_giou{s}": giou})
 
-        layers = self.mask_layers(num_layers)
+        layers = self.mask_layers(num_layers) if mask_layers is None else list(mask_layers)
         if layers:
             if outputs.get("mask_logits") is None or outputs.get("mask_padding") is None:
                 raise ValueError(
@@ -506,7 +539,8 @@ class SetCriterion(nn.Module):
                     "layers)) and outputs['mask_padding']; mask_loss_layers=0 turns them off"
                 )
             dice, bce = self.mask_losses(
-                outputs["mask_logits"], outputs["mask_padding"], targets, matches["layers"], layers, num_gts
+                outputs["mask_logits"], outputs["mask_padding"], targets, matches["layers"], layers, num_gts,
+                outputs.get("mask_points"),
             )
             for i, layer in enumerate(layers):
                 s = suffix(layer)

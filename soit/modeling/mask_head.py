@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soit.layers import ms_deform_attn
-from soit.layers.position_encoding import sine_embedding
+from soit.layers.position_encoding import sine_embedding, valid_extent
 
 __all__ = [
     "InstanceAwareMaskHead",
@@ -253,7 +253,7 @@ class InstanceAwareMaskHead(nn.Module):
         p = self.split_dynamic_params(dyn_params)
         if n == 0:
             return mask_feats.new_zeros(0, h, w)
-        M, K = self.num_heads, self.num_points
+        M = self.num_heads
 
         # the value is F_mask itself (no projection); padded pixels must not contribute
         value = mask_feats.masked_fill(mask_padding[:, None], 0.0)
@@ -266,21 +266,73 @@ class InstanceAwareMaskHead(nn.Module):
             z = z + pe.to(z.dtype)
         z = z.flatten(2).transpose(1, 2)  # (n, hw, C)
 
-        offsets = torch.baddbmm(p["offset_bias"][:, None], z, p["offset_weight"].transpose(1, 2))
-        offsets = offsets.view(n, h * w, M, 1, K, 2)
-        attn = torch.baddbmm(p["attn_bias"][:, None], z, p["attn_weight"].transpose(1, 2))
-        attn = attn.view(n, h * w, M, K).softmax(-1).view(n, h * w, M, 1, K)
+        # reference = pixel centre of the padded map
+        ys = (torch.arange(h, device=z.device, dtype=z.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=z.device, dtype=z.dtype) + 0.5) / w
+        ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 2)
+        return self._attend(mask_feats, value, z, ref, p, batch_index).view(n, h, w)
 
-        # reference = pixel centre of the padded map; offsets are in its pixels
-        ys = (torch.arange(h, device=z.device, dtype=offsets.dtype) + 0.5) / h
-        xs = (torch.arange(w, device=z.device, dtype=offsets.dtype) + 0.5) / w
-        ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 1, 1, 1, 2)
+    def forward_at_points(self, mask_feats, mask_padding, dyn_params, centers, batch_index, points, coordinate_scale=None):
+        """Mask logits of n instances at P points each, without the full map (PointRend-style
+        training of many masks: memory grows with P, not with the image).
+
+        At a pixel centre the result equals :meth:`forward`'s logit of that pixel; between
+        centres F_mask is read bilinearly and the position encoding is that of the point.
+
+        Args:
+            mask_feats, mask_padding, dyn_params, centers, batch_index, coordinate_scale:
+                as in :meth:`forward`.
+            points: (n, P, 2) (x, y) in [0, 1] of the padded map, in the image (not the padding).
+
+        Returns:
+            (n, P) mask logits.
+        """
+        B, C, h, w = mask_feats.shape
+        if C != self.mask_channels:
+            raise ValueError(f"mask_feats has {C} channels, the mask head was built for {self.mask_channels}")
+        n, P = points.shape[:2]
+        p = self.split_dynamic_params(dyn_params)
+        if n == 0:
+            return mask_feats.new_zeros(0, P)
+        M = self.num_heads
+        value = mask_feats.masked_fill(mask_padding[:, None], 0.0)
+        value = value.flatten(2).transpose(1, 2).reshape(B, h * w, M, C // M)
+        points = points.to(mask_feats.dtype)
+        grid = (2 * points - 1)[:, :, None]
+        z = F.grid_sample(mask_feats[batch_index], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        z = z[..., 0].transpose(1, 2)  # (n, P, C)
+        if self.pos_encoding != "none":
+            z = z + self._point_position_encoding(mask_padding, centers, batch_index, points, coordinate_scale).to(z.dtype)
+        return self._attend(mask_feats, value, z, points, p, batch_index)
+
+    def _point_position_encoding(self, mask_padding, centers, batch_index, points, coordinate_scale):
+        """(n, P, C) :func:`mask_position_encoding` at points: the k-th valid pixel's
+        coordinate (k + 1) / extent continued linearly between pixel centres."""
+        h, w = mask_padding.shape[-2:]
+        extent = valid_extent(mask_padding)[batch_index][:, None]  # (n, 1, 2) (w, h) in pixels
+        size = torch.tensor([w, h], dtype=torch.float32, device=points.device)
+        coords = (points.float() * size + 0.5) / (extent + 1e-6)  # (n, P, 2) (x, y)
+        if self.pos_encoding == "relative":
+            coords = coords - centers.detach().float()[:, None]
+        if coordinate_scale is not None:
+            coords = coords * coordinate_scale[batch_index][:, None].float()
+        coords = coords.flip(-1) * (2 * math.pi)  # (y, x): y features first
+        return sine_embedding(coords, self.mask_channels // 2, self.temperature)
+
+    def _attend(self, mask_feats, value, z, ref, p, batch_index):
+        """The generated deformable-attention layer for queries ``z`` (n, Nq, C) at reference
+        points ``ref`` ((1 or n), Nq, 2) (x, y) of the padded map; returns (n, Nq) logits.
+        Offsets are in pixels of the stride-8 map."""
+        n, nq, _ = z.shape
+        M, K = self.num_heads, self.num_points
+        offsets = torch.baddbmm(p["offset_bias"][:, None], z, p["offset_weight"].transpose(1, 2))
+        offsets = offsets.view(n, nq, M, 1, K, 2)
+        attn = torch.baddbmm(p["attn_bias"][:, None], z, p["attn_weight"].transpose(1, 2))
+        attn = attn.view(n, nq, M, K).softmax(-1).view(n, nq, M, 1, K)
         # (h, w) from the tensor's shape, not Python ints, so that a traced graph keeps them
         shapes = torch._shape_as_tensor(mask_feats)[-2:].to(z.device)[None]
-        locations = ref + offsets / shapes.flip(-1).to(offsets.dtype)
+        locations = ref.to(offsets.dtype)[:, :, None, None, None] + offsets / shapes.flip(-1).to(offsets.dtype)
         start = shapes.new_zeros(1)
         sampled = ms_deform_attn(value, shapes, start, locations, attn.to(value.dtype), value_index=batch_index)
-
-        # (n, hw, C) . (n, C) -> (n, hw)
-        logits = torch.bmm(sampled.relu(), p["out_weight"][:, :, None])[..., 0] + p["out_bias"][:, None]
-        return logits.view(n, h, w)
+        # (n, Nq, C) . (n, C) -> (n, Nq)
+        return torch.bmm(sampled.relu(), p["out_weight"][:, :, None])[..., 0] + p["out_bias"][:, None]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..layers.position_encoding import inverse_sigmoid, valid_extent
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .criterion import matched_queries
+from .criterion import matched_queries, sample_mask_points
 from .mask_head import aligned_bilinear
 from .tiling import TileDetections, paste_masks, tiled_predict
 from .transformer import TooFewTokensError
@@ -278,7 +278,7 @@ class SOIT(nn.Module):
             [(src, tgt % max(n, 1)) for (src, tgt), n in zip(layer, counts)] for layer in matches["layers"]
         ]
         num_gts = self.criterion.num_gts(repeated, one2many["pred_logits"].device)
-        extra = self._set_losses(one2many, mask_inputs, targets, matches, num_gts)
+        extra = self._set_losses(one2many, mask_inputs, targets, matches, num_gts, extra=True)
         losses.update({f"{name}_one2many": self.criterion.one2many_weight * v for name, v in extra.items()})
         return losses
 
@@ -291,37 +291,66 @@ class SOIT(nn.Module):
         num_layers = queries["pred_logits"].shape[0]
         matches = {"layers": [dn["matches"]] * num_layers, "enc": None}
         num_gts = self.criterion.num_gts(targets, queries["pred_logits"].device) * dn["groups"]
-        losses = self._set_losses(queries, mask_inputs, targets, matches, num_gts)
+        losses = self._set_losses(queries, mask_inputs, targets, matches, num_gts, extra=True)
         return {f"{name}_dn": self.denoising.loss_weight * v for name, v in losses.items()}
 
-    def _set_losses(self, outputs, mask_inputs, targets, matches=None, num_gts=None):
-        """Losses of one query set: match (unless given), masks of the matched queries, losses."""
+    def _set_losses(self, outputs, mask_inputs, targets, matches=None, num_gts=None, extra=False):
+        """Losses of one query set: match (unless given), masks of the matched queries, losses.
+        ``extra``: a training-only group (one-to-many, denoising), whose mask losses follow
+        ``criterion.extra_mask_loss_layers`` / ``extra_mask_loss_points``."""
         if matches is None:
             matches = self.criterion.match(outputs, targets)
-        layers = self.criterion.mask_layers(outputs["pred_logits"].shape[0])
+        layers = self.criterion.mask_layers(outputs["pred_logits"].shape[0], extra=extra)
         if layers:
             index = matched_queries(matches["layers"], layers)
-            outputs = dict(
-                outputs,
-                mask_logits=self.matched_mask_logits(outputs, mask_inputs, index),
-                mask_padding=mask_inputs["mask_padding"],
-            )
-        return self.criterion(outputs, targets, matches, num_gts)
+            outputs = dict(outputs, mask_padding=mask_inputs["mask_padding"])
+            if extra and self.criterion.extra_mask_loss_points:
+                outputs["mask_points"] = self.mask_loss_points(outputs, mask_inputs, index)
+                outputs["mask_logits"] = self.matched_mask_logits(outputs, mask_inputs, index, outputs["mask_points"])
+            else:
+                outputs["mask_logits"] = self.matched_mask_logits(outputs, mask_inputs, index)
+        return self.criterion(outputs, targets, matches, num_gts, mask_layers=layers)
 
-    def matched_mask_logits(self, outputs, mask_inputs, index):
+    @torch.no_grad()
+    def mask_loss_points(self, outputs, mask_inputs, index, chunk=64):
+        """(N, P, 2) points of the matched queries in ``index`` where the training-only groups'
+        masks are evaluated (``criterion.extra_mask_loss_points``): the least certain of
+        their full-map logits (computed ``chunk`` masks at a time without a graph) and
+        random ones, as :func:`~soit.modeling.criterion.sample_mask_points` chooses."""
+        crit, padding = self.criterion, mask_inputs["mask_padding"]
+        n = index["query"].numel()
+        h, w = padding.shape[-2:]
+        extent = (valid_extent(padding) / torch.tensor([w, h], device=padding.device))[index["image"].to(padding.device)]
+        points = []
+        for s in range(0, n, chunk):
+            part = {k: v[s : s + chunk] for k, v in index.items()}
+            logits = self.matched_mask_logits(outputs, mask_inputs, part) if crit.mask_loss_importance > 0 else None
+            if logits is None:  # random points only: the logits are not read
+                logits = padding.new_zeros((part["query"].numel(), 1, 1), dtype=torch.float32)
+            points.append(
+                sample_mask_points(
+                    logits.float(), extent[s : s + chunk], crit.extra_mask_loss_points, crit.mask_loss_oversample,
+                    crit.mask_loss_importance,
+                )  # fmt: skip
+            )
+        return torch.cat(points) if points else padding.new_zeros((0, crit.extra_mask_loss_points, 2), dtype=torch.float32)
+
+    def matched_mask_logits(self, outputs, mask_inputs, index, points=None):
         """(N, h, w) mask logits of the queries in ``index`` (:func:`matched_queries`), each
-        from its own layer's generated parameters and box centre."""
+        from its own layer's generated parameters and box centre; with ``points`` (N, P, 2),
+        (N, P) logits at those points only."""
         feats = mask_inputs["mask_feats"]
         dyn = outputs["dyn_params"]
         if index["query"].numel() == 0:
             # nothing matched: an empty result still connected to the mask branch and F_mask,
             # so that every parameter gets a (zero) gradient
-            return feats.new_zeros((0, *feats.shape[-2:])) + 0.0 * (dyn.sum() + feats.sum())
+            shape = feats.shape[-2:] if points is None else points.shape[1:2]
+            return feats.new_zeros((0, *shape)) + 0.0 * (dyn.sum() + feats.sum())
         at = tuple(i.to(dyn.device) for i in (index["layer"], index["image"], index["query"]))
-        return self.mask_head(
-            feats, mask_inputs["mask_padding"], dyn[at], outputs["pred_boxes"][at][:, :2], at[1],
-            mask_inputs.get("coordinate_scale"),
-        )  # fmt: skip
+        args = (feats, mask_inputs["mask_padding"], dyn[at], outputs["pred_boxes"][at][:, :2], at[1])
+        if points is not None:
+            return self.mask_head.forward_at_points(*args, points, mask_inputs.get("coordinate_scale"))
+        return self.mask_head(*args, mask_inputs.get("coordinate_scale"))
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """Detections of each image.
