@@ -111,6 +111,16 @@ def dataset_overrides(train=None, test=None):
     return out
 
 
+def run(cfg, resume=False):
+    from detectron2.engine import default_argument_parser, default_setup
+
+    from soit.engine import training as train_net
+
+    args = default_argument_parser().parse_args(["--resume"] if resume else [])
+    default_setup(cfg, args)
+    return train_net.do_train(args, cfg)
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
     """A clean one-class COCO dataset (4 images), registered as "test_synthetic"."""
@@ -234,3 +244,96 @@ def check_label_image_entry(pixels, anns):
     inside, outside = pixels[..., 0][masks.any(0)].mean(), pixels[..., 0][~masks.any(0)].mean()
     assert inside > outside + 40
     return masks
+
+
+# ---------------------------------------------------------------- a tiny deformable transformer's inputs
+C, K, Q, LAYERS = 32, 5, 7, 2
+LEVEL_SIZES = [(12, 16), (6, 8), (3, 4)]
+
+
+def make_branches(num, c=C, k=K):
+    from torch import nn
+
+    cls = nn.ModuleList(nn.Linear(c, k) for _ in range(num))
+    reg = nn.ModuleList(
+        nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, 4)) for _ in range(num)
+    )
+    return cls, reg
+
+
+def level_masks(valid, sizes=LEVEL_SIZES):
+    """Per-level masks (True = pad) with the valid (h, w) of each image at each level."""
+    import torch
+
+    masks = []
+    for lvl, (h, w) in enumerate(sizes):
+        m = torch.ones(len(valid), h, w, dtype=torch.bool)
+        for i, v in enumerate(valid):
+            m[i, : v[lvl][0], : v[lvl][1]] = False
+        masks.append(m)
+    return masks
+
+
+def make_inputs(seed=1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(2, C, h, w, generator=g) for h, w in LEVEL_SIZES]
+    # image 0 fills the batch; image 1 is padded bottom/right at every level
+    masks = level_masks([LEVEL_SIZES, [(9, 10), (5, 5), (3, 3)]])
+    return feats, masks
+
+
+def has_gradient_path(t, modules):
+    import torch
+
+    params = [p for m in modules for p in m.parameters()]
+    if not t.requires_grad:
+        return False
+    grads = torch.autograd.grad(t.sum(), params, retain_graph=True, allow_unused=True)
+    return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def head_boxes(out, reg, lvl):
+    from soit.layers.position_encoding import inverse_sigmoid
+
+    return (inverse_sigmoid(out["inter_references"][lvl]) + reg[lvl](out["hs"][lvl])).sigmoid()
+
+
+# ---------------------------------------------------------------- SetCriterion inputs
+def make_batch(counts, Ld=3, Q=6, K=4, h=4, w=5, valid=None, seed=0, enc=True):
+    """Random outputs / targets / mask inputs; image b has counts[b] ground truths and a
+    valid stride-8 region valid[b] = (rows, cols) of the (h, w) map."""
+    import torch
+
+    from soit.modeling.mask_head import InstanceAwareMaskHead
+
+    gen = torch.Generator().manual_seed(seed)
+    B = len(counts)
+    valid = valid or [(h, w)] * B
+    head = InstanceAwareMaskHead()
+    outputs = {
+        "pred_logits": torch.randn(Ld, B, Q, K, generator=gen).requires_grad_(),
+        "pred_boxes": (0.25 + 0.5 * torch.rand(Ld, B, Q, 4, generator=gen)).requires_grad_(),
+        "dyn_params": (0.2 * torch.randn(Ld, B, Q, head.num_dynamic_params, generator=gen)).requires_grad_(),
+    }
+    if enc:
+        outputs["enc_logits"] = torch.randn(B, 20, K, generator=gen).requires_grad_()
+        outputs["enc_boxes"] = (0.25 + 0.5 * torch.rand(B, 20, 4, generator=gen)).requires_grad_()
+    padding = torch.ones(B, h, w, dtype=torch.bool)
+    targets = []
+    for b, (n, (hv, wv)) in enumerate(zip(counts, valid)):
+        padding[b, :hv, :wv] = False
+        masks = torch.zeros(n, 8 * h, 8 * w)
+        for i in range(n):
+            y0, x0 = torch.randint(0, 8 * hv - 4, (2,), generator=gen).tolist()
+            masks[i, y0 : y0 + 12, min(x0, 8 * wv - 4) : 8 * wv] = 1.0
+        targets.append(
+            {
+                "labels": torch.randint(0, K, (n,), generator=gen),
+                "boxes": 0.25 + 0.5 * torch.rand(n, 4, generator=gen),
+                "masks": masks,
+            }
+        )
+    mask_inputs = {"mask_feats": torch.randn(B, 8, h, w, generator=gen).requires_grad_(), "mask_padding": padding}
+    return outputs, targets, mask_inputs

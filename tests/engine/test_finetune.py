@@ -4,9 +4,8 @@ import os
 import torch
 from detectron2.config import LazyConfig
 
-from conftest import register_coco_replacing, shared_file, write_synthetic_coco
+from conftest import QUICKSTART, register_coco_replacing, run, shared_file, write_synthetic_coco
 from soit.checkpoint import convert_checkpoint, infer_architecture, model_config_for
-from test_train_net import QUICKSTART, run
 
 
 def test_finetune_converted_official_weights_with_one_class(tmp_path):

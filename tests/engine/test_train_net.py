@@ -4,14 +4,11 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, register_coco_replacing, write_synthetic_coco
+from conftest import QUICKSTART, register_coco_replacing, run, write_synthetic_coco
 
 from soit.engine import training as train_net
 from detectron2.config import LazyConfig
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser
-
-QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +38,6 @@ def make_cfg(output_dir, max_iter, dataset_root, extra=()):
     # the test and evaluation datasets are not needed here
     del cfg.dataloader["evaluator"]
     return cfg
-
-
-def run(cfg, resume=False):
-    from detectron2.engine import default_setup
-
-    args = default_argument_parser().parse_args(["--resume"] if resume else [])
-    default_setup(cfg, args)
-    return train_net.do_train(args, cfg)
 
 
 def load(path):

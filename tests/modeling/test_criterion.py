@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import make_batch
 from soit.modeling.criterion import (
     SetCriterion,
     dice_loss,
@@ -21,40 +22,6 @@ from soit.modeling.meta_arch import SOIT
 
 SET_KEYS = ("loss_cls", "loss_bbox", "loss_giou")
 MASK_KEYS = ("loss_mask_dice", "loss_mask_bce")
-
-
-def make_batch(counts, Ld=3, Q=6, K=4, h=4, w=5, valid=None, seed=0, enc=True):
-    """Random outputs / targets / mask inputs; image b has counts[b] ground truths and a
-    valid stride-8 region valid[b] = (rows, cols) of the (h, w) map."""
-    gen = torch.Generator().manual_seed(seed)
-    B = len(counts)
-    valid = valid or [(h, w)] * B
-    head = InstanceAwareMaskHead()
-    outputs = {
-        "pred_logits": torch.randn(Ld, B, Q, K, generator=gen).requires_grad_(),
-        "pred_boxes": (0.25 + 0.5 * torch.rand(Ld, B, Q, 4, generator=gen)).requires_grad_(),
-        "dyn_params": (0.2 * torch.randn(Ld, B, Q, head.num_dynamic_params, generator=gen)).requires_grad_(),
-    }
-    if enc:
-        outputs["enc_logits"] = torch.randn(B, 20, K, generator=gen).requires_grad_()
-        outputs["enc_boxes"] = (0.25 + 0.5 * torch.rand(B, 20, 4, generator=gen)).requires_grad_()
-    padding = torch.ones(B, h, w, dtype=torch.bool)
-    targets = []
-    for b, (n, (hv, wv)) in enumerate(zip(counts, valid)):
-        padding[b, :hv, :wv] = False
-        masks = torch.zeros(n, 8 * h, 8 * w)
-        for i in range(n):
-            y0, x0 = torch.randint(0, 8 * hv - 4, (2,), generator=gen).tolist()
-            masks[i, y0 : y0 + 12, min(x0, 8 * wv - 4) : 8 * wv] = 1.0
-        targets.append(
-            {
-                "labels": torch.randint(0, K, (n,), generator=gen),
-                "boxes": 0.25 + 0.5 * torch.rand(n, 4, generator=gen),
-                "masks": masks,
-            }
-        )
-    mask_inputs = {"mask_feats": torch.randn(B, 8, h, w, generator=gen).requires_grad_(), "mask_padding": padding}
-    return outputs, targets, mask_inputs
 
 
 def criterion(**kwargs):

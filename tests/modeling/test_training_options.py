@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from test_transformer import C, LAYERS, LEVEL_SIZES, Q, has_gradient_path, head_boxes, make_branches, make_inputs
+from conftest import C, LAYERS, LEVEL_SIZES, Q, has_gradient_path, head_boxes, make_batch, make_branches, make_inputs
 
 from soit.modeling.criterion import SetCriterion, ia_bce_loss, sigmoid_focal_loss, varifocal_loss
 from soit.modeling.matcher import HungarianMatcher
@@ -265,8 +265,6 @@ def test_one2one_queries_do_not_see_the_one2many_group():
 def test_one2many_losses_are_one2one_losses_against_the_repeated_ground_truth():
     from types import SimpleNamespace
 
-    from test_criterion import make_batch
-
     from soit.modeling.mask_head import InstanceAwareMaskHead
     from soit.modeling.meta_arch import SOIT
 
@@ -364,8 +362,6 @@ def test_denoising_noise_and_matches():
 
 def test_denoising_mask_losses_train_the_positives_toward_their_own_ground_truth():
     from types import SimpleNamespace
-
-    from test_criterion import make_batch
 
     from soit.modeling.denoising import DenoisingQueries
     from soit.modeling.mask_head import InstanceAwareMaskHead

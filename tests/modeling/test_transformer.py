@@ -2,27 +2,26 @@
 import re
 
 import pytest
-from conftest import shared_file
+from conftest import (
+    C,
+    K,
+    LAYERS,
+    LEVEL_SIZES,
+    Q,
+    has_gradient_path,
+    head_boxes,
+    level_masks,
+    make_branches,
+    make_inputs,
+    shared_file,
+)
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from soit.layers import MSDeformAttn
-from soit.layers.position_encoding import inverse_sigmoid
 from soit.modeling.mask_encoder import MaskEncoder
 from soit.modeling.transformer import DeformableTransformer, encoder_reference_points, valid_ratios_from_mask
-
-C, K, Q, LAYERS = 32, 5, 7, 2
-LEVEL_SIZES = [(12, 16), (6, 8), (3, 4)]
-
-
-def make_branches(num, c=C, k=K):
-    cls = nn.ModuleList(nn.Linear(c, k) for _ in range(num))
-    reg = nn.ModuleList(
-        nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, 4)) for _ in range(num)
-    )
-    return cls, reg
-
 
 def make_tiny(two_stage=True, box_refine=True):
     torch.manual_seed(0)
@@ -40,37 +39,6 @@ def make_tiny(two_stage=True, box_refine=True):
         box_refine=box_refine,
     )
     return (tr, *make_branches(LAYERS + 1))
-
-
-def level_masks(valid, sizes=LEVEL_SIZES):
-    """Per-level masks (True = pad) with the valid (h, w) of each image at each level."""
-    masks = []
-    for lvl, (h, w) in enumerate(sizes):
-        m = torch.ones(len(valid), h, w, dtype=torch.bool)
-        for i, v in enumerate(valid):
-            m[i, : v[lvl][0], : v[lvl][1]] = False
-        masks.append(m)
-    return masks
-
-
-def make_inputs(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    feats = [torch.randn(2, C, h, w, generator=g) for h, w in LEVEL_SIZES]
-    # image 0 fills the batch; image 1 is padded bottom/right at every level
-    masks = level_masks([LEVEL_SIZES, [(9, 10), (5, 5), (3, 3)]])
-    return feats, masks
-
-
-def has_gradient_path(t, modules):
-    params = [p for m in modules for p in m.parameters()]
-    if not t.requires_grad:
-        return False
-    grads = torch.autograd.grad(t.sum(), params, retain_graph=True, allow_unused=True)
-    return any(g is not None and g.abs().sum() > 0 for g in grads)
-
-
-def head_boxes(out, reg, lvl):
-    return (inverse_sigmoid(out["inter_references"][lvl]) + reg[lvl](out["hs"][lvl])).sigmoid()
 
 
 @pytest.mark.parametrize("two_stage", [True, False])
