@@ -102,3 +102,35 @@ def test_ablation_models_derive_the_dynamic_parameter_count(rel):
     head = instantiate(cfg.model.mask_head)
     m, c, k = head.num_heads, head.mask_channels, head.num_points
     assert head.num_dynamic_params == (m * k * 2 + m * k) * (c + 1) + c + 1
+
+
+OPTIONS_ON = {
+    "model.transformer.mixed_query_selection": True,
+    "model.transformer.look_forward_twice": True,
+    "model.criterion.cls_loss": "ia_bce",
+}
+
+
+def _changes(rel, base_rel):
+    cfg, base = flatten(load(rel)), flatten(load(base_rel))
+    return {k: cfg.get(k) for k in set(cfg) | set(base) if cfg.get(k) != base.get(k)}
+
+
+def test_12_epoch_recipe_is_the_paper_model_with_the_winning_options():
+    changed = _changes("soit_r50_12ep.py", "soit_r50_50ep.py")
+    schedule = {k: v for k, v in changed.items() if k.startswith(("train.", "lr_multiplier."))}
+    assert {k: v for k, v in changed.items() if k not in schedule} == OPTIONS_ON
+    assert load("soit_r50_12ep.py").train.max_iter == 44_358  # 12 x 118,287 / 32, rounded
+
+
+def test_quickstart_paper_config_is_the_quickstart_without_the_options():
+    assert _changes("quickstart/soit_nuclei_cpu_paper.py", "quickstart/soit_nuclei_cpu.py") == {
+        "model.transformer.mixed_query_selection": False,
+        "model.transformer.look_forward_twice": False,
+        "model.criterion.cls_loss": "focal",
+    }
+    # and the paper configs keep the paper's training
+    for rel in ["soit_r50_50ep.py", "quickstart/soit_nuclei_cpu_paper.py"]:
+        cfg = load(rel)
+        assert not cfg.model.transformer.mixed_query_selection and not cfg.model.transformer.look_forward_twice
+        assert cfg.model.criterion.cls_loss == "focal" and cfg.model.denoising is None

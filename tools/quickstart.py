@@ -25,6 +25,11 @@ CONFIG = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config-file", default=CONFIG,
+        help="the quick start's config (default: the small-data recipe; configs/quickstart/soit_nuclei_cpu_paper.py "
+        "trains as the paper does)",
+    )
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "quickstart"))
     parser.add_argument("--data-root", default=os.path.join(REPO, "datasets", "nuclei"))
     parser.add_argument("--overwrite", action="store_true", help="replace a previous quick start's output folder")
@@ -113,9 +118,9 @@ def main(argv=None):
     prepare_nuclei(args.data_root)
     register_nuclei(args.data_root)
 
-    cfg = LazyConfig.load(CONFIG)
+    cfg = LazyConfig.load(args.config_file)
     cfg = apply_overrides(cfg, [f"train.output_dir={args.output_dir}"] + list(args.opts))
-    train_args = default_argument_parser().parse_args(["--config-file", CONFIG])
+    train_args = default_argument_parser().parse_args(["--config-file", args.config_file])
     default_setup(cfg, train_args)
     training.setup_soit_logger(args.output_dir)  # skipped images and dropped annotations into log.txt
 
@@ -157,7 +162,7 @@ def main(argv=None):
     print(f"[quickstart] checkpoint:  {metrics['checkpoint']}")
     print(
         "[quickstart] evaluate it again with: python train_net.py --eval-only --config-file "
-        f"configs/quickstart/soit_nuclei_cpu.py train.init_checkpoint={metrics['checkpoint']} "
+        f"{os.path.relpath(args.config_file)} train.init_checkpoint={metrics['checkpoint']} "
         f"train.output_dir={args.output_dir}/eval"
     )
     return 0

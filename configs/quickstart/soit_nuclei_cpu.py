@@ -25,6 +25,12 @@ from ..models.soit_tiny import model
 register_nuclei(os.environ.get("SOIT_NUCLEI_ROOT", "datasets/nuclei"))
 
 model.num_classes = 1
+# Training options beyond the paper that won on this split (docs/benchmarks.md, "Training
+# options"; projects/SOIT/README.md): DINO's mixed query selection and look-forward-twice,
+# Align-DETR's IoU-aware BCE. soit_nuclei_cpu_paper.py trains as the paper does.
+model.transformer.mixed_query_selection = True
+model.transformer.look_forward_twice = True
+model.criterion.cls_loss = "ia_bce"
 model.transformer.num_queries = 100  # up to ~40 nuclei per tile
 model.max_detections = 100
 model.transformer.dropout = 0.0  # a short run on little data: dropout only slows convergence
