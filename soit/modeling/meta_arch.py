@@ -305,14 +305,14 @@ class SOIT(nn.Module):
             index = matched_queries(matches["layers"], layers)
             outputs = dict(outputs, mask_padding=mask_inputs["mask_padding"])
             if extra and self.criterion.extra_mask_loss_points:
-                outputs["mask_points"] = self.mask_loss_points(outputs, mask_inputs, index)
+                outputs["mask_points"] = self.extra_mask_points(outputs, mask_inputs, index)
                 outputs["mask_logits"] = self.matched_mask_logits(outputs, mask_inputs, index, outputs["mask_points"])
             else:
                 outputs["mask_logits"] = self.matched_mask_logits(outputs, mask_inputs, index)
         return self.criterion(outputs, targets, matches, num_gts, mask_layers=layers)
 
     @torch.no_grad()
-    def mask_loss_points(self, outputs, mask_inputs, index, chunk=64):
+    def extra_mask_points(self, outputs, mask_inputs, index, chunk=64):
         """(N, P, 2) points of the matched queries in ``index`` where the training-only groups'
         masks are evaluated (``criterion.extra_mask_loss_points``): the least certain of
         their full-map logits (computed ``chunk`` masks at a time without a graph) and

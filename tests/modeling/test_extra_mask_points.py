@@ -73,7 +73,7 @@ def _denoising_model(crit, q=6, seed=0):
     dn = gen(targets)
     outputs, targets, mask_inputs = make_batch([2, 3], Q=dn["query"].shape[1] + q, valid=[(4, 5), (3, 4)])
     model = SimpleNamespace(criterion=crit, mask_head=InstanceAwareMaskHead(), denoising=gen)
-    for name in ("_set_losses", "matched_mask_logits", "mask_loss_points"):
+    for name in ("_set_losses", "matched_mask_logits", "extra_mask_points"):
         setattr(model, name, getattr(SOIT, name).__get__(model))
     return model, outputs, targets, mask_inputs, dn
 
@@ -82,13 +82,13 @@ def test_denoising_masks_at_points_are_the_dense_masks_read_at_those_points():
     crit = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_points=12)
     model, outputs, targets, mask_inputs, dn = _denoising_model(crit)
     seen = {}
-    choose = model.mask_loss_points
+    choose = model.extra_mask_points
 
     def recording(outputs, mask_inputs, index):
         seen["index"], seen["points"] = index, choose(outputs, mask_inputs, index)
         return seen["points"]
 
-    model.mask_loss_points = recording
+    model.extra_mask_points = recording
     losses = SOIT.denoising_losses(model, outputs, mask_inputs, targets, dn)
     index, points = seen["index"], seen["points"]
     assert points.shape == (index["query"].numel(), 12, 2)
@@ -129,14 +129,13 @@ def test_uncertain_points_come_from_the_full_map():
 
     index = matched_queries([dn["matches"]] * 3, [2])
     torch.manual_seed(3)
-    points = model.mask_loss_points(outputs, mask_inputs, index)
+    points = model.extra_mask_points(outputs, mask_inputs, index)
     dense = SOIT.matched_mask_logits(model, outputs, mask_inputs, index).detach()
+    model.criterion = SetCriterion(
+        4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_points=8, mask_loss_importance=0.0
+    )
     torch.manual_seed(3)
-    random_points = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_points=8,
-                                 mask_loss_importance=0.0)  # fmt: skip
-    model.criterion = random_points
-    torch.manual_seed(3)
-    uniform = model.mask_loss_points(outputs, mask_inputs, index)
+    uniform = model.extra_mask_points(outputs, mask_inputs, index)
     # the chosen points are less certain (|logit| closer to 0) than random ones
     assert point_sample(dense, points).abs().mean() < point_sample(dense, uniform).abs().mean()
 
