@@ -134,3 +134,18 @@ def test_quickstart_paper_config_is_the_quickstart_without_the_options():
         cfg = load(rel)
         assert not cfg.model.transformer.mixed_query_selection and not cfg.model.transformer.look_forward_twice
         assert cfg.model.criterion.cls_loss == "focal" and cfg.model.denoising is None
+
+
+def test_coco_augmentation_overrides_from_the_command_line():
+    from detectron2.data import transforms as T
+
+    from soit.engine.overrides import apply_overrides
+
+    cfg = apply_overrides(
+        load("soit_r50_50ep.py"),
+        ["dataloader.train.mapper.augmentation.1.max_size=1000", "dataloader.train.mapper.augmentation.0.prob=0.25"],
+    )
+    resize = instantiate(cfg.dataloader.train.mapper.augmentation[1])
+    assert isinstance(resize, T.ResizeShortestEdge) and resize.max_size == 1000
+    # the crop branch's flip follows the first list's probability (an interpolation)
+    assert instantiate(cfg.dataloader.train.mapper.augmentation_with_crop[0]).prob == 0.25
