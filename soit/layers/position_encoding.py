@@ -20,11 +20,15 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x1 / x2)
 
 
-def valid_extent(padding_mask: torch.Tensor) -> torch.Tensor:
+def valid_extent(padding_mask: torch.Tensor, fraction: bool = False) -> torch.Tensor:
     """(N, 2) float (valid width, valid height) in pixels of each (N, H, W) padding mask
-    (True = pad). Images are padded at the bottom and right, so the first row and column
-    give the valid width and height."""
-    return torch.stack([(~padding_mask[:, 0, :]).sum(1), (~padding_mask[:, :, 0]).sum(1)], -1).to(torch.float32)
+    (True = pad), or with ``fraction`` as parts of (W, H). Images are padded at the bottom
+    and right, so the first row and column give the valid width and height."""
+    extent = torch.stack([(~padding_mask[:, 0, :]).sum(1), (~padding_mask[:, :, 0]).sum(1)], -1).to(torch.float32)
+    if fraction:
+        h, w = padding_mask.shape[-2:]
+        extent = extent / torch.tensor([w, h], dtype=torch.float32, device=padding_mask.device)
+    return extent
 
 
 def _frequencies(num_feats: int, temperature: float, device) -> torch.Tensor:

@@ -471,8 +471,7 @@ class SetCriterion(nn.Module):
 
     def _point_losses(self, logits, targets, padding):
         """Dice and mean BCE at sampled points of each mask's image (no padding)."""
-        h, w = padding.shape[-2:]
-        extent = valid_extent(padding) / torch.tensor([w, h], device=padding.device)
+        extent = valid_extent(padding, fraction=True)
         points = sample_mask_points(
             logits, extent, self.mask_loss_points, self.mask_loss_oversample, self.mask_loss_importance
         )

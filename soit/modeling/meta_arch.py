@@ -319,13 +319,13 @@ class SOIT(nn.Module):
         random ones, as :func:`~soit.modeling.criterion.sample_mask_points` chooses."""
         crit, padding = self.criterion, mask_inputs["mask_padding"]
         n = index["query"].numel()
-        h, w = padding.shape[-2:]
-        extent = (valid_extent(padding) / torch.tensor([w, h], device=padding.device))[index["image"].to(padding.device)]
+        extent = valid_extent(padding, fraction=True)[index["image"].to(padding.device)]
         points = []
         for s in range(0, n, chunk):
             part = {k: v[s : s + chunk] for k, v in index.items()}
-            logits = self.matched_mask_logits(outputs, mask_inputs, part) if crit.mask_loss_importance > 0 else None
-            if logits is None:  # random points only: the logits are not read
+            if crit.mask_loss_importance > 0:
+                logits = self.matched_mask_logits(outputs, mask_inputs, part)
+            else:  # random points only: the logits are not read
                 logits = padding.new_zeros((part["query"].numel(), 1, 1), dtype=torch.float32)
             points.append(
                 sample_mask_points(
