@@ -18,6 +18,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -104,6 +105,12 @@ def get_extensions():
     define_macros = []
     include_dirs = [os.path.join(HERE, CSRC)]
     extra_compile_args = {"cxx": ["-O3"]}
+    extra_link_args = []
+    if sys.platform.startswith("linux"):
+        # the CPU implementation's threads (ATen's OpenMP backend is header code) and its
+        # `omp simd` loops; at run time the libgomp.so.1 that torch loads is shared
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list()
@@ -116,6 +123,7 @@ def get_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     else:
         ext = CppExtension(
@@ -124,6 +132,7 @@ def get_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

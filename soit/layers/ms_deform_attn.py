@@ -165,11 +165,19 @@ def _route(value: torch.Tensor, impl: str) -> str:
         return "pytorch"
     if torch.jit.is_tracing() or _compiler_flag("is_compiling"):
         return "op"
-    return "kernel" if _cuda_kernel_for(value) else "pytorch"
+    return "kernel" if _kernel_for(value) else "pytorch"
 
 
 def _cuda_kernel_for(value: torch.Tensor) -> bool:
     return value.is_cuda and has_cuda_kernel() and _kernel_supports(value.device)
+
+
+def _kernel_for(value: torch.Tensor) -> bool:
+    """Whether soit._C runs this tensor's call: CUDA tensors on a GPU it has code for, CPU
+    tensors whenever it is loaded."""
+    if value.device.type == "cpu":
+        return _extension() is not None
+    return _cuda_kernel_for(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,15 +457,18 @@ def _ms_deform_attn_op(
     attention_weights: torch.Tensor,
     value_index: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """``soit::ms_deform_attn``: the PyTorch path on every device but CUDA (its result is a
-    new tensor, never a view of an input, as a custom op's must be)."""
+    """``soit::ms_deform_attn``: the PyTorch path on devices soit._C does not serve (its
+    result is a new tensor, never a view of an input, as a custom op's must be)."""
     return _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
 
 
-@_ms_deform_attn_op.register_kernel("cuda")
-def _ms_deform_attn_op_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index):
-    """On CUDA: our kernel when soit._C has code for the GPU, else the PyTorch path."""
-    if _cuda_kernel_for(value):
+@_ms_deform_attn_op.register_kernel(("cpu", "cuda"))
+def _ms_deform_attn_op_compiled(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index
+):
+    """On the CPU and CUDA: soit._C when it serves the tensor (see :func:`_kernel_for`), else
+    the PyTorch path."""
+    if _kernel_for(value):
         args = _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
         return _extension().ms_deform_attn_forward(*args)
     return _pytorch_any(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
@@ -480,7 +491,7 @@ def _ms_deform_attn_backward_op(
     grad_output: torch.Tensor,
 ) -> List[torch.Tensor]:
     """Gradients of ``soit::ms_deform_attn`` for value, locations and weights (in their
-    dtypes): the PyTorch path run again under autograd, on every device but CUDA."""
+    dtypes): the PyTorch path run again under autograd, on devices soit._C does not serve."""
     return _backward_pytorch(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
     )
@@ -498,11 +509,11 @@ def _backward_pytorch(
     return list(vjp(grad_output.to(out.dtype)))
 
 
-@_ms_deform_attn_backward_op.register_kernel("cuda")
-def _ms_deform_attn_backward_op_cuda(
+@_ms_deform_attn_backward_op.register_kernel(("cpu", "cuda"))
+def _ms_deform_attn_backward_op_compiled(
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
 ):
-    if not _cuda_kernel_for(value):
+    if not _kernel_for(value):
         return _backward_pytorch(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index, grad_output
         )

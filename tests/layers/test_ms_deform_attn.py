@@ -270,7 +270,15 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
     monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
     assert msda_mod._route(fake_cuda, "auto") == "kernel"
-    assert msda_mod._route(cpu, "auto") == "pytorch", "CPU tensors take the PyTorch path by default"
+    monkeypatch.setattr(msda_mod, "_extension", lambda: object())
+    assert msda_mod._route(cpu, "auto") == "kernel", "CPU tensors take soit._C when it is loaded"
+    with force_pytorch():
+        assert msda_mod._route(cpu, "auto") == "pytorch"
+    monkeypatch.setattr(msda_mod, "_extension", lambda: None)
+    assert msda_mod._route(cpu, "auto") == "pytorch", "without soit._C, CPU tensors take the PyTorch path"
+    monkeypatch.undo()
+    monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
+    monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
     assert msda_mod._route(fake_cuda, "pytorch") == "pytorch"
     with force_pytorch():
         assert msda_mod._route(fake_cuda, "auto") == "pytorch"
@@ -310,13 +318,18 @@ def test_kernel_supports_device(monkeypatch):
             assert not msda_mod._kernel_supports(torch.device("cuda", index))  # cached, no second warning
 
 
-def test_cpu_tensors_use_the_pytorch_path_by_default(monkeypatch):
+def test_cpu_tensors_use_the_compiled_kernel_when_built(monkeypatch):
     calls = []
     original = msda_mod.ms_deform_attn_pytorch
     monkeypatch.setattr(msda_mod, "ms_deform_attn_pytorch", lambda *a: calls.append(1) or original(*a))
     value, ss, lsi, loc, w, _ = make_inputs()
-    ms_deform_attn(value, ss, lsi, loc, w)
-    assert calls
+    out = ms_deform_attn(value, ss, lsi, loc, w)
+    assert bool(calls) == (not EXT_LOADED), "the PyTorch path runs exactly when soit._C is not loaded"
+    calls.clear()
+    with force_pytorch():
+        ref = ms_deform_attn(value, ss, lsi, loc, w)
+    assert calls, "force_pytorch() selects the PyTorch path on the CPU too"
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
 class _LevelsToAttention(torch.nn.Module):
@@ -550,6 +563,39 @@ CPU_KERNEL_CASES = [
 def test_cpu_kernel_matches_pytorch_float64(D, P, shapes, shared):
     inputs = make_inputs(N=3, Lq=4, M=2, D=D, P=P, shapes=shapes, B=2 if shared else None, seed=D)
     compare(kernel_impl, inputs, rtol=1e-10, atol_rel=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradcheck_cpu_kernel(shared):
+    value, ss, lsi, loc, w, vi = make_inputs(N=3, Lq=3, M=2, D=5, P=2, B=2 if shared else None, seed=21)
+    assert ((loc < 0) | (loc > 1)).any(), "some locations must be outside [0, 1]"
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    fn = lambda v, lo, wt: kernel_impl(v, ss, lsi, lo, wt, vi)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("shared", [False, True])
+def test_cpu_kernel_does_not_depend_on_the_thread_count(shared):
+    """Forward and the three gradients bit for bit equal on 1 and 2 threads (the backward's
+    work is split by value map and head, each summed in a fixed order). Big enough that the
+    forward's split over queries uses both threads."""
+    inputs = make_inputs(
+        N=2, Lq=300, M=4, D=32, P=4, shapes=((20, 24), (10, 12), (5, 6)), dtype=torch.float32,
+        B=1 if shared else None, seed=22,
+    )
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, grads, _ = run_with_grads(kernel_impl, *inputs)
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(previous)
+    for name, a, b in zip(("output", "grad value", "grad locations", "grad weights"), *results):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
 
 
 @needs_ext

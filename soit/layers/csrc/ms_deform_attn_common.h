@@ -114,12 +114,11 @@ struct Bilinear {
   acc_t lh, lw;
 };
 
+// bilinear_setup from the continuous pixel position (w_im, h_im) of a level of H x W pixels.
 // Returns false when no corner lies inside the level (the sample is zero, and so are its
 // gradients).
 template <typename acc_t>
-SOIT_HD bool bilinear_setup(acc_t x, acc_t y, int H, int W, Bilinear<acc_t>& s) {
-  const acc_t h_im = y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5);
-  const acc_t w_im = x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5);
+SOIT_HD bool bilinear_setup_pixel(acc_t w_im, acc_t h_im, int H, int W, Bilinear<acc_t>& s) {
   // written so that NaN fails the test
   if (!(H > 0 && W > 0 && h_im > static_cast<acc_t>(-1) && w_im > static_cast<acc_t>(-1) &&
         h_im < static_cast<acc_t>(H) && w_im < static_cast<acc_t>(W)))
@@ -136,6 +135,13 @@ SOIT_HD bool bilinear_setup(acc_t x, acc_t y, int H, int W, Bilinear<acc_t>& s) 
   s.off[2] = (bottom && left) ? (h0 + 1) * W + w0 : -1;
   s.off[3] = (bottom && right) ? (h0 + 1) * W + w0 + 1 : -1;
   return true;
+}
+
+// The same from a location (x, y) in [0, 1] of the level.
+template <typename acc_t>
+SOIT_HD bool bilinear_setup(acc_t x, acc_t y, int H, int W, Bilinear<acc_t>& s) {
+  return bilinear_setup_pixel<acc_t>(x * static_cast<acc_t>(W) - static_cast<acc_t>(0.5),
+                                     y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5), H, W, s);
 }
 
 // acc[0:VEC] += aw * bilinear(v) for the VEC channels at v (v points at channel c of pixel 0 of
