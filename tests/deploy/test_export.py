@@ -244,7 +244,7 @@ def test_export_tool_rejects_bad_arguments(tmp_path):
 def test_traced_model_on_cuda_calls_our_kernel(model, tmp_path, monkeypatch):
     import importlib
 
-    msda_mod = importlib.import_module("soit.layers.ms_deform_attn")
+    ext_mod = importlib.import_module("soit.layers.ms_deform_attn.extension")
     cuda_model = tiny_model(num_classes=3).eval()
     cuda_model.load_state_dict(model.state_dict())
     cuda_model.cuda()
@@ -253,7 +253,7 @@ def test_traced_model_on_cuda_calls_our_kernel(model, tmp_path, monkeypatch):
     loaded = torch.jit.load(path)
     assert "soit::ms_deform_attn" in str(loaded.inlined_graph)
     calls = []
-    ext = msda_mod._extension()
+    ext = ext_mod.compiled_module()
     original = ext.ms_deform_attn_forward
 
     class Counting:
@@ -264,7 +264,7 @@ def test_traced_model_on_cuda_calls_our_kernel(model, tmp_path, monkeypatch):
             calls.append(args[0].shape)
             return original(*args)
 
-    monkeypatch.setattr(msda_mod, "_extension", lambda: Counting())
+    monkeypatch.setattr(ext_mod, "compiled_module", lambda: Counting())
     for h, w in [TRACE_SIZE] + OTHER_SIZES:
         image = _image(h, w).cuda()
         calls.clear()

@@ -26,8 +26,11 @@ from soit.layers.ms_deform_attn import (
 )
 from soit.modeling.transformer import flatten_spatial_shapes
 
-# the module (soit.layers re-exports a function of the same name)
-msda_mod = importlib.import_module("soit.layers.ms_deform_attn")
+# the package's modules (soit.layers re-exports a function named like the package)
+ext_mod = importlib.import_module("soit.layers.ms_deform_attn.extension")
+dispatch_mod = importlib.import_module("soit.layers.ms_deform_attn.dispatch")
+op_mod = importlib.import_module("soit.layers.ms_deform_attn.op")
+pytorch_mod = importlib.import_module("soit.layers.ms_deform_attn.pytorch")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NO_EXT = os.environ.get("SOIT_NO_EXT", "0") == "1"
 EXT_LOADED = extension_status().startswith("loaded")
@@ -267,61 +270,61 @@ def test_pytorch_path_mixed_dtypes_returns_value_dtype():
 def test_dispatch(monkeypatch):
     fake_cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     cpu = torch.zeros(1)
-    monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
-    monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
-    assert msda_mod._route(fake_cuda, "auto") == "kernel"
-    monkeypatch.setattr(msda_mod, "_extension", lambda: object())
-    assert msda_mod._route(cpu, "auto") == "kernel", "CPU tensors take soit._C when it is loaded"
+    monkeypatch.setattr(ext_mod, "has_cuda_kernel", lambda: True)
+    monkeypatch.setattr(ext_mod, "gpu_supported", lambda device: True)
+    assert dispatch_mod.route(fake_cuda, "auto") == "kernel"
+    monkeypatch.setattr(ext_mod, "compiled_module", lambda: object())
+    assert dispatch_mod.route(cpu, "auto") == "kernel", "CPU tensors take soit._C when it is loaded"
     with force_pytorch():
-        assert msda_mod._route(cpu, "auto") == "pytorch"
-    monkeypatch.setattr(msda_mod, "_extension", lambda: None)
-    assert msda_mod._route(cpu, "auto") == "pytorch", "without soit._C, CPU tensors take the PyTorch path"
+        assert dispatch_mod.route(cpu, "auto") == "pytorch"
+    monkeypatch.setattr(ext_mod, "compiled_module", lambda: None)
+    assert dispatch_mod.route(cpu, "auto") == "pytorch", "without soit._C, CPU tensors take the PyTorch path"
     monkeypatch.undo()
-    monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
-    monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
-    assert msda_mod._route(fake_cuda, "pytorch") == "pytorch"
+    monkeypatch.setattr(ext_mod, "has_cuda_kernel", lambda: True)
+    monkeypatch.setattr(ext_mod, "gpu_supported", lambda device: True)
+    assert dispatch_mod.route(fake_cuda, "pytorch") == "pytorch"
     with force_pytorch():
-        assert msda_mod._route(fake_cuda, "auto") == "pytorch"
+        assert dispatch_mod.route(fake_cuda, "auto") == "pytorch"
         with force_pytorch(False):
-            assert msda_mod._route(fake_cuda, "auto") == "kernel"
-        assert msda_mod._route(fake_cuda, "auto") == "pytorch"
-    assert msda_mod._route(fake_cuda, "auto") == "kernel"
+            assert dispatch_mod.route(fake_cuda, "auto") == "kernel"
+        assert dispatch_mod.route(fake_cuda, "auto") == "pytorch"
+    assert dispatch_mod.route(fake_cuda, "auto") == "kernel"
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
-    assert msda_mod._route(fake_cuda, "auto") == "op", "tracing records soit::ms_deform_attn"
-    assert msda_mod._route(cpu, "auto") == "op"
+    assert dispatch_mod.route(fake_cuda, "auto") == "op", "tracing records soit::ms_deform_attn"
+    assert dispatch_mod.route(cpu, "auto") == "op"
     with force_pytorch():
-        assert msda_mod._route(fake_cuda, "auto") == "pytorch"
+        assert dispatch_mod.route(fake_cuda, "auto") == "pytorch"
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    assert msda_mod._route(fake_cuda, "auto") == "pytorch", "ONNX graphs hold grid_sample"
+    assert dispatch_mod.route(fake_cuda, "auto") == "pytorch", "ONNX graphs hold grid_sample"
     monkeypatch.undo()
-    monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: False)
-    monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: True)
-    assert msda_mod._route(fake_cuda, "auto") == "pytorch", "a GPU the extension has no code for"
-    monkeypatch.setattr(msda_mod, "has_cuda_kernel", lambda: False)
-    monkeypatch.setattr(msda_mod, "_kernel_supports", lambda device: True)
-    assert msda_mod._route(fake_cuda, "auto") == "pytorch"
+    monkeypatch.setattr(ext_mod, "gpu_supported", lambda device: False)
+    monkeypatch.setattr(ext_mod, "has_cuda_kernel", lambda: True)
+    assert dispatch_mod.route(fake_cuda, "auto") == "pytorch", "a GPU the extension has no code for"
+    monkeypatch.setattr(ext_mod, "has_cuda_kernel", lambda: False)
+    monkeypatch.setattr(ext_mod, "gpu_supported", lambda device: True)
+    assert dispatch_mod.route(fake_cuda, "auto") == "pytorch"
     with pytest.raises(ValueError, match="impl"):
-        msda_mod._route(cpu, "fast")
+        dispatch_mod.route(cpu, "fast")
 
 
 def test_kernel_supports_device(monkeypatch):
-    monkeypatch.setattr(msda_mod, "_extension", lambda: types.SimpleNamespace(cuda_arch_list=lambda: [80, 90]))
-    monkeypatch.setattr(msda_mod, "_DEVICE_SUPPORTED", {})
+    monkeypatch.setattr(ext_mod, "compiled_module", lambda: types.SimpleNamespace(cuda_arch_list=lambda: [80, 90]))
+    monkeypatch.setattr(ext_mod, "_DEVICE_SUPPORTED", {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "some GPU")
     for index, capability, expected in ((0, (8, 0), True), (1, (8, 6), True), (2, (10, 0), True), (3, (7, 5), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None, c=capability: c)
         if expected:
-            assert msda_mod._kernel_supports(torch.device("cuda", index))
+            assert ext_mod.gpu_supported(torch.device("cuda", index))
         else:
             with pytest.warns(RuntimeWarning, match="no code for"):
-                assert not msda_mod._kernel_supports(torch.device("cuda", index))
-            assert not msda_mod._kernel_supports(torch.device("cuda", index))  # cached, no second warning
+                assert not ext_mod.gpu_supported(torch.device("cuda", index))
+            assert not ext_mod.gpu_supported(torch.device("cuda", index))  # cached, no second warning
 
 
 def test_cpu_tensors_use_the_compiled_kernel_when_built(monkeypatch):
     calls = []
-    original = msda_mod.ms_deform_attn_pytorch
-    monkeypatch.setattr(msda_mod, "ms_deform_attn_pytorch", lambda *a: calls.append(1) or original(*a))
+    original = pytorch_mod.ms_deform_attn_pytorch
+    monkeypatch.setattr(pytorch_mod, "ms_deform_attn_pytorch", lambda *a: calls.append(1) or original(*a))
     value, ss, lsi, loc, w, _ = make_inputs()
     out = ms_deform_attn(value, ss, lsi, loc, w)
     assert bool(calls) == (not EXT_LOADED), "the PyTorch path runs exactly when soit._C is not loaded"
@@ -438,18 +441,47 @@ def test_registered_op_under_torch_compile():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def _counting_extension(ext, calls):
+    return types.SimpleNamespace(
+        ms_deform_attn_forward=lambda *a: calls.append("forward") or ext.ms_deform_attn_forward(*a),
+        ms_deform_attn_backward=lambda *a: calls.append("backward") or ext.ms_deform_attn_backward(*a),
+        with_cuda=ext.with_cuda,
+        cuda_arch_list=ext.cuda_arch_list,
+    )
+
+
+@needs_ext
+def test_traced_attention_on_the_cpu_calls_the_compiled_op(monkeypatch):
+    """A graph traced on the CPU records soit::ms_deform_attn, whose CPU implementation (forward
+    and backward) is soit._C when it is loaded, at sizes other than the traced one too."""
+    model = _levels_model()
+    calls = []
+    counting = _counting_extension(ext_mod.compiled_module(), calls)
+    monkeypatch.setattr(ext_mod, "compiled_module", lambda: counting)
+    traced = torch.jit.trace(model, _levels_inputs(6, 8), check_trace=False)
+    assert "soit::ms_deform_attn" in str(traced.inlined_graph)
+    calls.clear()
+    args = [t.requires_grad_() for t in _levels_inputs(12, 9, seed=3)]
+    out = traced(*args)
+    out.square().sum().backward()
+    assert calls == ["forward", "backward"], calls
+    with force_pytorch():
+        ref = model(*args)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 @needs_gpu
 def test_traced_attention_on_cuda_calls_our_kernel(monkeypatch):
     model = _levels_model().cuda()
     calls = []
-    ext = msda_mod._extension()
+    ext = ext_mod.compiled_module()
     counting = types.SimpleNamespace(
         ms_deform_attn_forward=lambda *a: calls.append(1) or ext.ms_deform_attn_forward(*a),
         ms_deform_attn_backward=ext.ms_deform_attn_backward,
         with_cuda=ext.with_cuda,
         cuda_arch_list=ext.cuda_arch_list,
     )
-    monkeypatch.setattr(msda_mod, "_extension", lambda: counting)
+    monkeypatch.setattr(ext_mod, "compiled_module", lambda: counting)
     traced = torch.jit.trace(model, [t.cuda() for t in _levels_inputs(6, 8)], check_trace=False)
     assert "soit::ms_deform_attn" in str(traced.inlined_graph)
     calls.clear()
@@ -852,8 +884,8 @@ def test_cuda_dispatch_and_module_under_autocast(monkeypatch):
     torch.nn.init.normal_(module.attention_weights.weight, std=0.1)
     args = [t.cuda() for t in _module_inputs(C=64, Lq=50)]
     kernel_calls = []
-    original = msda_mod._MSDeformAttnFunction.apply
-    monkeypatch.setattr(msda_mod._MSDeformAttnFunction, "apply", lambda *a: kernel_calls.append(a) or original(*a))
+    original = op_mod._MSDeformAttnFunction.apply
+    monkeypatch.setattr(op_mod._MSDeformAttnFunction, "apply", lambda *a: kernel_calls.append(a) or original(*a))
     out = module(*args)
     assert kernel_calls, "CUDA tensors take the kernel by default"
     with force_pytorch():

@@ -1,0 +1,103 @@
+"""Which implementation a call of :func:`ms_deform_attn` takes.
+
+The rule, in order:
+
+1. ``impl="pytorch"`` or ``impl="kernel"``: that one (``"kernel"`` raises when ``soit._C``
+   cannot run the tensor).
+2. Inside :func:`force_pytorch`, while scripting, and during ONNX or ``torch.export`` export:
+   the PyTorch path (exported graphs hold standard operators only).
+3. While tracing or under ``torch.compile``: the registered op ``soit::ms_deform_attn``, which
+   applies rule 4 each time the recorded graph runs.
+4. Otherwise ``soit._C`` when it serves the tensor (CPU tensors whenever it is loaded; CUDA
+   tensors when it was built with CUDA for that GPU), else the PyTorch path.
+"""
+
+import contextlib
+import threading
+
+import torch
+
+from . import extension
+from .op import ms_deform_attn_compiled
+from .pytorch import ms_deform_attn_pytorch_any
+
+__all__ = ["force_pytorch", "ms_deform_attn", "route"]
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def force_pytorch(enabled: bool = True):
+    """Within this context (in this thread), ``ms_deform_attn(..., impl="auto")`` and
+    :class:`MSDeformAttn` use the pure-PyTorch path even where ``soit._C`` could run."""
+    previous = getattr(_LOCAL, "force_pytorch", False)
+    _LOCAL.force_pytorch = enabled
+    try:
+        yield
+    finally:
+        _LOCAL.force_pytorch = previous
+
+
+def _compiler_flag(name: str) -> bool:
+    flag = getattr(getattr(torch, "compiler", None), name, None)
+    return bool(flag is not None and flag())
+
+
+def route(value: torch.Tensor, impl: str) -> str:
+    """Which implementation a call takes: "kernel" (soit._C directly), "op" (the registered
+    ``soit::ms_deform_attn``, recorded by tracing / torch.compile) or "pytorch"."""
+    if impl == "pytorch":
+        return "pytorch"
+    if impl == "kernel":
+        ext = extension.compiled_module()
+        if ext is None:
+            raise RuntimeError(f"ms_deform_attn(impl='kernel'): soit._C is {extension.extension_status()}")
+        if value.is_cuda and not ext.with_cuda():
+            raise RuntimeError("ms_deform_attn(impl='kernel'): soit._C was built without CUDA")
+        return "kernel"
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto', 'pytorch' or 'kernel', got {impl!r}")
+    if getattr(_LOCAL, "force_pytorch", False) or torch.jit.is_scripting():
+        return "pytorch"
+    # ONNX and torch.export graphs hold standard operators only (grid_sample)
+    if torch.onnx.is_in_onnx_export() or _compiler_flag("is_exporting"):
+        return "pytorch"
+    if torch.jit.is_tracing() or _compiler_flag("is_compiling"):
+        return "op"
+    return "kernel" if extension.kernel_serves(value) else "pytorch"
+
+
+def ms_deform_attn(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    *,
+    value_index=None,
+    impl: str = "auto",
+):
+    """Functional multi-scale deformable attention; see :func:`ms_deform_attn_pytorch`.
+
+    Args:
+        value_index: optional (N,) long. When given, ``value`` is (B, S, M, D) holding B
+            value maps shared by several queries' groups, and group n of
+            ``sampling_locations`` / ``attention_weights`` (N, Lq, ...) samples
+            ``value[value_index[n]]``; the value maps are never copied per group.
+        impl: ``"auto"`` (default): the routing rule of this module's docstring (``soit._C``
+            for CPU tensors and for CUDA tensors on a GPU it has code for, the PyTorch path
+            otherwise, the PyTorch path inside :func:`force_pytorch` and in exported graphs).
+            ``"pytorch"``: always the PyTorch path. ``"kernel"``: always ``soit._C``; raises
+            when it is unavailable.
+
+    The compiled op returns ``value``'s dtype; see ``op._MSDeformAttnFunction`` for its
+    precision under mixed dtypes and autocast.
+    """
+    path = route(value, impl)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, value_index)
+    if path == "kernel":
+        return ms_deform_attn_compiled(*args)
+    if path == "op":
+        return torch.ops.soit.ms_deform_attn(*args)
+    return ms_deform_attn_pytorch_any(*args)
+
