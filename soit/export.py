@@ -13,8 +13,8 @@ k = min(max_detections, queries x classes) is fixed. Resizing to the original im
 export. Every size in the graph is read from the input at run time, so an exported model runs
 at input sizes other than the traced one.
 
-TorchScript graphs hold the registered op ``soit::ms_deform_attn`` (our CUDA kernel on CUDA
-tensors, the PyTorch path on the CPU): ``import soit.export`` (or any ``soit`` module that
+TorchScript graphs hold the registered op ``soit::ms_deform_attn`` (``soit._C`` where it is
+built, the PyTorch path elsewhere): ``import soit.export`` (or any ``soit`` module that
 imports the op) before ``torch.jit.load``. ONNX graphs hold ``GridSample`` instead and need
 nothing of ours.
 """

@@ -9,7 +9,8 @@ from conftest import REPO
 
 def test_benchmark_measures_soit_and_mask_rcnn(tmp_path):
     out = tmp_path / "rows.json"
-    args = ["--device", "cpu", "--models", "soit", "mask_rcnn", "--size", "128", "160", "--runs", "1"]
+    models = ["soit", "soit_pytorch_attn", "mask_rcnn"]
+    args = ["--device", "cpu", "--models", *models, "--size", "128", "160", "--runs", "1"]
     args += ["--warmup", "0", "--throughput-batch", "0", "--train-runs", "1", "--markdown", "--json", str(out)]
     res = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), *args], capture_output=True, text=True, cwd=REPO
@@ -18,12 +19,13 @@ def test_benchmark_measures_soit_and_mask_rcnn(tmp_path):
     result = json.loads(out.read_text())
     assert result["size"] == [128, 160] and result["device"].startswith("CPU")
     rows = {r["model"]: r for r in result["rows"]}
-    assert set(rows) == {"soit", "mask_rcnn"}
+    assert set(rows) == set(models)
     for row in rows.values():
         # a training step raises on a non-finite loss: random FrozenBN statistics were calibrated
         assert row["latency_ms"] > 0 and row["train_fp32_ms"] > 0, row
         assert "train_bf16_ms" not in row, "the CPU default is fp32 only"
     assert "SOIT latency vs mask_rcnn:" in res.stdout
+    assert "SOIT latency vs soit_pytorch_attn:" in res.stdout
     assert "| soit |" in res.stdout and "| mask_rcnn |" in res.stdout
 
 

@@ -6,6 +6,9 @@
 
 Models (random weights; the counts of work match trained models, see below):
     soit          configs/models/soit_r50.py (300 queries, top-100 masks)
+    soit_pytorch_attn
+                  the same model with its deformable attention on the PyTorch (grid_sample)
+                  path, as under force_pytorch() or without soit._C; not in the default list
     mask_rcnn     detectron2's model-zoo Mask R-CNN R50-FPN (common/models/mask_rcnn_fpn.py)
     deformable    Hugging Face transformers' Deformable DETR, R-50, two-stage + box refinement
                   (only where transformers is installed; its row says so otherwise)
@@ -30,7 +33,8 @@ import sys
 import time
 
 
-MODELS = ("soit", "mask_rcnn", "deformable")
+MODELS = ("soit", "soit_pytorch_attn", "mask_rcnn", "deformable")
+DEFAULT_MODELS = ("soit", "mask_rcnn", "deformable")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -146,13 +150,31 @@ class Detectron2Runner:
         return sum(losses.values())
 
 
-def build_soit(image, device):
+class PyTorchAttentionRunner(Detectron2Runner):
+    """A SOIT runner whose calls run under force_pytorch(): the deformable attention takes the
+    PyTorch path wherever soit._C would run it."""
+
+    def infer(self, batch):
+        from soit.layers.ms_deform_attn import force_pytorch
+
+        with force_pytorch():
+            return super().infer(batch)
+
+    def train_loss(self, batch):
+        from soit.layers.ms_deform_attn import force_pytorch
+
+        with force_pytorch():
+            return super().train_loss(batch)
+
+
+def build_soit(image, device, name="soit"):
     from detectron2.config import instantiate
 
     from soit.model_zoo import get_config
 
     cfg = get_config("models/soit_r50.py")
-    runner = Detectron2Runner("soit", instantiate(cfg.model), image, device)
+    runner_class = PyTorchAttentionRunner if name == "soit_pytorch_attn" else Detectron2Runner
+    runner = runner_class(name, instantiate(cfg.model), image, device)
     calibrate_frozen_bn(runner.model, lambda: runner.infer(1))
     return runner
 
@@ -271,7 +293,12 @@ def fmt(v, digits=1):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help=f"any of {', '.join(MODELS)} (default: {' '.join(DEFAULT_MODELS)})",
+    )
     parser.add_argument("--size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--runs", type=int, default=50, help="timed inference calls (median)")
     parser.add_argument("--warmup", type=int, default=10)
@@ -306,8 +333,8 @@ def main(argv=None):
     rows = []
     for name in args.models:
         torch.manual_seed(0)
-        if name == "soit":
-            runner = build_soit(image, device)
+        if name in ("soit", "soit_pytorch_attn"):
+            runner = build_soit(image, device, name)
         elif name == "mask_rcnn":
             runner = build_mask_rcnn(image, device, args.rcnn_candidates)
         else:

@@ -109,24 +109,32 @@ def mask_position_encoding(
     if num_feats % 2 != 0:
         raise ValueError(f"num_feats must be even (sin/cos pairs), got {num_feats}")
     y, x = normalized_valid_coordinates(mask_padding, eps)
+    xy = torch.stack((x, y), dim=-1)  # (B, h, w, 2)
     if centers is not None:
         if batch_index is None:
             raise ValueError("mask_position_encoding: batch_index is required together with centers")
-        centers = centers.to(torch.float32)
-        y = y[batch_index] - centers[:, 1, None, None]
-        x = x[batch_index] - centers[:, 0, None, None]
+        xy = xy[batch_index]
         if coordinate_scale is not None:
-            y = y * coordinate_scale[batch_index, 1, None, None]
-            x = x * coordinate_scale[batch_index, 0, None, None]
-        y = y * scale
-        x = x * scale
-    else:
-        if coordinate_scale is not None:
-            y = y * coordinate_scale[:, 1, None, None]
-            x = x * coordinate_scale[:, 0, None, None]
-        y = y * scale
-        x = x * scale
-    return sine_embedding(torch.stack((y, x), dim=-1), num_feats, temperature).permute(0, 3, 1, 2)
+            coordinate_scale = coordinate_scale[batch_index]
+    pos = encode_mask_coordinates(
+        xy, centers, coordinate_scale, num_feats=num_feats, temperature=temperature, scale=scale
+    )
+    return pos.permute(0, 3, 1, 2)
+
+
+def encode_mask_coordinates(
+    xy, centers=None, coordinate_scale=None, *, num_feats=4, temperature=10000.0, scale=2 * math.pi
+):
+    """The sine encoding of normalized coordinates ``xy`` (n, ..., 2) as (x, y): minus the
+    instance centre (relative encoding) when ``centers`` (n, 2) is given, times
+    ``coordinate_scale`` (n, 2) when given, times ``scale``; returns (n, ..., 2 * num_feats),
+    y features first. Shared by the full-map encoding and the encoding at chosen points."""
+    extra = (1,) * (xy.dim() - 2)
+    if centers is not None:
+        xy = xy - centers.to(torch.float32).view(-1, *extra, 2)
+    if coordinate_scale is not None:
+        xy = xy * coordinate_scale.to(torch.float32).view(-1, *extra, 2)
+    return sine_embedding(xy.flip(-1) * scale, num_feats, temperature)
 
 
 class InstanceAwareMaskHead(nn.Module):
@@ -312,12 +320,13 @@ class InstanceAwareMaskHead(nn.Module):
         extent = valid_extent(mask_padding)[batch_index][:, None]  # (n, 1, 2) (w, h) in pixels
         size = torch.tensor([w, h], dtype=torch.float32, device=points.device)
         coords = (points.float() * size + 0.5) / (extent + 1e-6)  # (n, P, 2) (x, y)
-        if self.pos_encoding == "relative":
-            coords = coords - centers.detach().float()[:, None]
-        if coordinate_scale is not None:
-            coords = coords * coordinate_scale[batch_index][:, None].float()
-        coords = coords.flip(-1) * (2 * math.pi)  # (y, x): y features first
-        return sine_embedding(coords, self.mask_channels // 2, self.temperature)
+        return encode_mask_coordinates(
+            coords,
+            centers.detach() if self.pos_encoding == "relative" else None,
+            None if coordinate_scale is None else coordinate_scale[batch_index],
+            num_feats=self.mask_channels // 2,
+            temperature=self.temperature,
+        )
 
     def _attend(self, mask_feats, value, z, ref, p, batch_index):
         """The generated deformable-attention layer for queries ``z`` (n, Nq, C) at reference

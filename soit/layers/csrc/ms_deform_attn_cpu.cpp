@@ -22,10 +22,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -74,6 +76,18 @@ namespace soit {
 namespace {
 
 using namespace msda;
+
+// Calls run(kernel) with the copy K's forward (or backward) for these types; for float32 the
+// channel counts SOIT uses (32 in the encoder and decoder, 2 in the mask head) are fixed at
+// compile time, so that their loops unroll completely.
+template <typename K, bool kBackward, typename scalar_t, typename coord_t, typename Run>
+void run_kernel(int64_t D, Run&& run) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (D == 32) return run(K::template get<kBackward, scalar_t, coord_t, 32>());
+    if (D == 2) return run(K::template get<kBackward, scalar_t, coord_t, 2>());
+  }
+  run(K::template get<kBackward, scalar_t, coord_t, 0>());
+}
 
 bool use_avx2() {
 #ifdef SOIT_CPU_AVX2
@@ -135,9 +149,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
              vindex, out.data_ptr<scalar_t>(), d, lv);
     };
 #ifdef SOIT_CPU_AVX2
-    if (use_avx2()) return run(cpu_avx2::forward_impl<scalar_t, coord_t>);
+    if (use_avx2()) return run_kernel<cpu_avx2::Kernels, false, scalar_t, coord_t>(d.D, run);
 #endif
-    run(cpu_baseline::forward_impl<scalar_t, coord_t>);
+    run_kernel<cpu_baseline::Kernels, false, scalar_t, coord_t>(d.D, run);
   });
   return out;
 }
@@ -150,9 +164,12 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, con
                                                     const at::Tensor& grad_output, const MSDAShape& d) {
   const auto acc_type = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
-  at::Tensor grad_loc = at::zeros_like(sampling_locations);
-  at::Tensor grad_attw = at::zeros_like(attention_weights);
-  if (d.N * d.Lq * d.M > 0 && d.D > 0) {
+  if (d.N * d.Lq * d.M == 0 || d.D == 0)
+    return {grad_value.to(value.scalar_type()), at::zeros_like(sampling_locations), at::zeros_like(attention_weights)};
+  // the kernel writes every location and weight gradient (each group belongs to one value map)
+  at::Tensor grad_loc = at::empty_like(sampling_locations);
+  at::Tensor grad_attw = at::empty_like(attention_weights);
+  {
     const LevelTable table = read_levels(spatial_shapes, level_start_index, d);
     const CpuLevels lv{table.H.data(), table.W.data(), table.start.data()};
     const int64_t* vindex = checked_value_index(value_index, d);
@@ -166,9 +183,9 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, con
                grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<coord_t>(), grad_attw.data_ptr<coord_t>(), d, lv);
       };
 #ifdef SOIT_CPU_AVX2
-      if (use_avx2()) return run(cpu_avx2::backward_impl<scalar_t, coord_t>);
+      if (use_avx2()) return run_kernel<cpu_avx2::Kernels, true, scalar_t, coord_t>(d.D, run);
 #endif
-      run(cpu_baseline::backward_impl<scalar_t, coord_t>);
+      run_kernel<cpu_baseline::Kernels, true, scalar_t, coord_t>(d.D, run);
     });
   }
   if (grad_value.scalar_type() != value.scalar_type()) grad_value = grad_value.to(value.scalar_type());

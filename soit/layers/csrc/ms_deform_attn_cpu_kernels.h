@@ -117,11 +117,13 @@ inline void scatter_corners(const scalar_t* v, acc_t* gv, const Corners<acc_t>& 
   }
 }
 
-template <typename scalar_t, typename coord_t>
+// kD > 0: the channel count D fixed at compile time (the loops then unroll completely);
+// kD = 0: D read from the shape.
+template <typename scalar_t, typename coord_t, int kD>
 void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw, const int64_t* vindex,
                   scalar_t* out, const MSDAShape& d, const Levels& lv) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t M = d.M, D = d.D, L = d.L, P = d.P, MD = d.M * d.D;
+  const int64_t M = d.M, D = kD > 0 ? kD : d.D, L = d.L, P = d.P, MD = d.M * d.D;
   const int64_t per_item = M * L * P * std::max<int64_t>(D, 8);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, per_item));
   at::parallel_for(0, d.N * d.Lq, grain, [&](int64_t begin, int64_t end) {
@@ -154,12 +156,12 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
   });
 }
 
-template <typename scalar_t, typename coord_t>
+template <typename scalar_t, typename coord_t, int kD>
 void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw, const int64_t* vindex,
                    const scalar_t* grad_out, acc_type_t<scalar_t>* grad_value, coord_t* grad_loc,
                    coord_t* grad_attw, const MSDAShape& d, const Levels& lv) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t M = d.M, D = d.D, L = d.L, P = d.P, MD = d.M * d.D;
+  const int64_t M = d.M, D = kD > 0 ? kD : d.D, L = d.L, P = d.P, MD = d.M * d.D;
   // the groups that sample each value map, in order
   std::vector<std::vector<int64_t>> groups(static_cast<size_t>(d.B));
   for (int64_t n = 0; n < d.N; ++n) groups[static_cast<size_t>(vindex ? vindex[n] : n)].push_back(n);
@@ -210,5 +212,16 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
     }
   });
 }
+
+// This copy's entry points as a type, so that the caller can choose a copy as a template argument.
+struct Kernels {
+  template <bool kBackward, typename scalar_t, typename coord_t, int kD>
+  static auto get() {
+    if constexpr (kBackward)
+      return &backward_impl<scalar_t, coord_t, kD>;
+    else
+      return &forward_impl<scalar_t, coord_t, kD>;
+  }
+};
 
 }  // namespace SOIT_CPU_NAMESPACE
