@@ -10,7 +10,7 @@ Shapes (batch 2 at 800 x 1333, four levels at strides 8..64: 100x167, 50x84, 25x
 batch 1 and 25 instances, so that a CPU run takes a minute or two.
 
 Implementations:
-    kernel     soit._C (the CUDA kernels on a GPU; their CPU build on the CPU)
+    kernel     soit._C (the CUDA kernels on a GPU; its CPU implementation on the CPU)
     pytorch    the grid_sample formulation (ms_deform_attn_pytorch)
     gather     the explicit-gather formulation (ms_deform_attn_pytorch_gather)
     original   the Deformable DETR CUDA op, when its ``MultiScaleDeformableAttention`` package is
