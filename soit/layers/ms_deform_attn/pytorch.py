@@ -12,8 +12,10 @@ __all__ = [
 ]
 
 
-def _common_dtype(value, sampling_locations, attention_weights):
-    return torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+def _in_common_dtype(value, sampling_locations, attention_weights):
+    """The three inputs in their promoted dtype."""
+    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    return value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype)
 
 
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -37,10 +39,7 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     out_dtype = None
     if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
         out_dtype = value.dtype
-        dtype = _common_dtype(value, sampling_locations, attention_weights)
-        value = value.to(dtype)
-        sampling_locations = sampling_locations.to(dtype)
-        attention_weights = attention_weights.to(dtype)
+        value, sampling_locations, attention_weights = _in_common_dtype(value, sampling_locations, attention_weights)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     tracing = torch.jit.is_tracing()
@@ -95,10 +94,8 @@ def ms_deform_attn_pytorch_gather(
     Differentiable with respect to value, locations and weights.
     """
     out_dtype = value.dtype
-    dtype = _common_dtype(value, sampling_locations, attention_weights)
-    value = value.to(dtype)
-    sampling_locations = sampling_locations.to(dtype)
-    attention_weights = attention_weights.to(dtype)
+    value, sampling_locations, attention_weights = _in_common_dtype(value, sampling_locations, attention_weights)
+    dtype = value.dtype
     B, S, M, D = value.shape
     N, Lq, _, L, P, _ = sampling_locations.shape
     device = value.device
