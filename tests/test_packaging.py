@@ -1,5 +1,6 @@
 """A wheel built from a clean copy of the repository carries the configs: get_config and the
-library defaults that need a config work from the installed package alone."""
+library defaults that need a config work from the installed package alone (the model builds,
+the released checkpoint layout converts against the packaged config, the Predictor runs)."""
 import os
 import shutil
 import subprocess
@@ -7,7 +8,8 @@ import sys
 import sysconfig
 import zipfile
 
-from conftest import REPO
+import torch
+from conftest import REPO, shared_file
 
 from soit.model_zoo import configs_root, get_config, get_config_file
 
@@ -66,19 +68,35 @@ def test_wheel_ships_configs_and_installed_package_uses_them(tmp_path):
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    # the released checkpoint layout, as a user downloads it
+    official = tmp_path / "official.pth"
+    fixture = torch.load(shared_file("fixtures", "official_small.pt"), weights_only=True)
+    torch.save({"state_dict": fixture["state_dict"]}, official)
     check = (
-        "import soit, soit.model_zoo as z\n"
-        "from soit.checkpoint.convert import _default_config_file\n"
+        "import numpy as np, torch, soit, soit.model_zoo as z\n"
+        "from detectron2.config import instantiate\n"
+        "from soit.checkpoint.convert import _default_config_file, convert_checkpoint\n"
+        "from soit.engine import Predictor\n"
         "print(soit.__file__)\n"
         "print(z.configs_root())\n"
         "print(_default_config_file())\n"
         "cfg = z.get_config('soit_r50_50ep.py')\n"
-        "print(cfg.model.transformer.num_queries, cfg.optimizer.lr)\n"
+        "model = instantiate(cfg.model)\n"
+        "print(cfg.model.transformer.num_queries, cfg.optimizer.lr, type(model).__name__)\n"
+        # the converter checks names and shapes against a model built from the packaged config
+        f"summary = convert_checkpoint({str(official)!r}, {str(tmp_path / 'converted.pth')!r})\n"
+        "print(summary['num_tensors'], summary['architecture']['depth'])\n"
+        "predictor = Predictor(z.get_config_file('quickstart/soit_nuclei_cpu.py'))\n"
+        "image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)\n"
+        "inst = predictor(image)\n"
+        "print(tuple(inst.image_size), tuple(inst.pred_masks.shape[1:]))\n"
     )
-    done = subprocess.run([python, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    done = subprocess.run([python, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    package, root, default, values = done.stdout.strip().splitlines()[-4:]
+    package, root, default, values, converted, predicted = done.stdout.strip().splitlines()[-6:]
     assert package.startswith(site) and root == os.path.join(site, "soit", "model_zoo", "configs")
     assert default == os.path.join(root, "models", "soit_r50.py")
-    assert values == "300 0.0002"
+    assert values == "300 0.0002 SOIT"
+    assert converted == "247 18", converted
+    assert predicted == "(96, 128) (96, 128)", predicted
