@@ -130,6 +130,20 @@ def _one_result(k, hm, wm, fill=None, pad=(0, 0)):
     }
 
 
+@pytest.mark.parametrize("k", [5, 37])
+def test_postprocess_in_chunks_equals_all_at_once(k):
+    model = tiny_model()
+    h, w = 75, 90
+    result = _one_result(k, math.ceil(h / 8), math.ceil(w / 8))
+    for output_size in ((h, w), (150, 180)):
+        whole = model.postprocess(result, (h, w), output_size, chunk=1000)
+        chunked = model.postprocess(result, (h, w), output_size, chunk=8)
+        assert len(chunked) == k and chunked.image_size == whole.image_size == output_size
+        for name in ("pred_masks", "scores", "pred_classes"):
+            assert torch.equal(chunked.get(name), whole.get(name)), name
+        assert torch.equal(chunked.pred_boxes.tensor, whole.pred_boxes.tensor)
+
+
 @pytest.mark.parametrize("fill", [50.0, -50.0])
 def test_postprocess_ignores_batch_padding(fill):
     model = tiny_model()
