@@ -631,8 +631,10 @@ def test_cpu_kernel_does_not_depend_on_the_thread_count(shared):
 
 
 @needs_ext
-def test_cpu_kernel_float32():
-    inputs = make_inputs(N=2, Lq=9, M=4, D=8, P=4, dtype=torch.float32, B=1, seed=11)
+@pytest.mark.parametrize("D", [8, 32, 2])  # 32 and 2: the widths compiled with a fixed channel count
+@pytest.mark.parametrize("shared", [False, True])
+def test_cpu_kernel_float32(D, shared):
+    inputs = make_inputs(N=2, Lq=9, M=4, D=D, P=4, dtype=torch.float32, B=1 if shared else None, seed=11)
     compare(kernel_impl, inputs, rtol=1e-5, atol_rel=1e-5)
 
 
