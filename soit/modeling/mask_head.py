@@ -33,8 +33,8 @@ POS_ENCODINGS = ("relative", "absolute", "none")
 def _softmax_short(x):
     """Softmax over a short last dimension (the mask head's K points). ATen's CPU softmax is
     slow on a last dimension of a few elements (280 ms for 100 masks at 800 x 1333 on two
-    cores); without autograd the same arithmetic, exp(x - max) / sum, in place takes about
-    half. Tracing and autograd keep ``softmax``."""
+    cores); without autograd the same arithmetic, exp(x - max) / sum, in place takes about a
+    seventh of that (docs/benchmarks.md). Tracing, autograd and GPUs keep ``softmax``."""
     if x.requires_grad or x.device.type != "cpu" or torch.jit.is_tracing():
         return x.softmax(-1)
     x = x - x.amax(-1, keepdim=True)
