@@ -144,12 +144,36 @@ SOIT_HD bool bilinear_setup(acc_t x, acc_t y, int H, int W, Bilinear<acc_t>& s) 
                                      y * static_cast<acc_t>(H) - static_cast<acc_t>(0.5), H, W, s);
 }
 
+// Bilinear weights of the four corners (order of Bilinear::off).
+template <typename acc_t>
+SOIT_HD void corner_weights(const Bilinear<acc_t>& s, acc_t (&cw)[4]) {
+  const acc_t hh = static_cast<acc_t>(1) - s.lh, hw = static_cast<acc_t>(1) - s.lw;
+  cw[0] = hh * hw;
+  cw[1] = hh * s.lw;
+  cw[2] = s.lh * hw;
+  cw[3] = s.lh * s.lw;
+}
+
+// Derivatives of the corner weights with respect to h_im (dh) and w_im (dw).
+template <typename acc_t>
+SOIT_HD void corner_weight_derivatives(const Bilinear<acc_t>& s, acc_t (&dh)[4], acc_t (&dw)[4]) {
+  const acc_t hh = static_cast<acc_t>(1) - s.lh, hw = static_cast<acc_t>(1) - s.lw;
+  dh[0] = -hw;
+  dh[1] = -s.lw;
+  dh[2] = hw;
+  dh[3] = s.lw;
+  dw[0] = -hh;
+  dw[1] = hh;
+  dw[2] = -s.lh;
+  dw[3] = s.lh;
+}
+
 // acc[0:VEC] += aw * bilinear(v) for the VEC channels at v (v points at channel c of pixel 0 of
 // the level for this (value map, head); consecutive pixels are `stride` elements apart).
 template <int VEC, typename scalar_t, typename acc_t>
 SOIT_HD void sample_forward(const scalar_t* v, int stride, const Bilinear<acc_t>& s, acc_t aw, acc_t (&acc)[VEC]) {
-  const acc_t hh = static_cast<acc_t>(1) - s.lh, hw = static_cast<acc_t>(1) - s.lw;
-  const acc_t cw[4] = {hh * hw, hh * s.lw, s.lh * hw, s.lh * s.lw};
+  acc_t cw[4];
+  corner_weights(s, cw);
   SOIT_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (s.off[k] >= 0) {
@@ -171,10 +195,9 @@ SOIT_HD void sample_forward(const scalar_t* v, int stride, const Bilinear<acc_t>
 template <int VEC, typename scalar_t, typename acc_t>
 SOIT_HD void sample_backward(const scalar_t* v, acc_t* gv, int stride, const Bilinear<acc_t>& s, acc_t aw,
                              const acc_t (&go)[VEC], acc_t& g_aw, acc_t& g_h, acc_t& g_w) {
-  const acc_t hh = static_cast<acc_t>(1) - s.lh, hw = static_cast<acc_t>(1) - s.lw;
-  const acc_t cw[4] = {hh * hw, hh * s.lw, s.lh * hw, s.lh * s.lw};
-  const acc_t dh[4] = {-hw, -s.lw, hw, s.lw};
-  const acc_t dw[4] = {-hh, hh, -s.lh, s.lh};
+  acc_t cw[4], dh[4], dw[4];
+  corner_weights(s, cw);
+  corner_weight_derivatives(s, dh, dw);
   SOIT_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (s.off[k] >= 0) {

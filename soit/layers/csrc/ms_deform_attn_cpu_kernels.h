@@ -10,8 +10,9 @@ using namespace soit::msda;
 using soit::MSDAShape;
 using Levels = soit::CpuLevels;
 
-// One sampling point: the element offsets of its (up to four) corners from the level's first
-// pixel, and their weights (attention weight times bilinear weight). `count` corners are valid.
+// One sampling point: the element offsets of its (up to four) valid corners from the level's
+// first pixel, their bilinear weights and those times the attention weight (what the backward
+// scatters). `count` corners are valid.
 template <typename acc_t>
 struct Corners {
   int64_t off[4];
@@ -30,8 +31,8 @@ inline bool corners(acc_t x, acc_t y, int H, int W, acc_t aw, int64_t stride, Co
   if (!bilinear_setup_pixel<acc_t>((gx + 1) * (static_cast<acc_t>(W) * half) - half,
                                    (gy + 1) * (static_cast<acc_t>(H) * half) - half, H, W, s))
     return false;
-  const acc_t hh = static_cast<acc_t>(1) - s.lh, hw = static_cast<acc_t>(1) - s.lw;
-  const acc_t cw[4] = {hh * hw, hh * s.lw, s.lh * hw, s.lh * s.lw};
+  acc_t cw[4];
+  corner_weights(s, cw);
   c.count = 0;
   for (int k = 0; k < 4; ++k) {
     if (s.off[k] < 0) continue;
@@ -192,10 +193,8 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
                                  aw, MD, c, s)) {
                 acc_t dot[4];
                 scatter_corners(vhead + lvl, gvhead + lvl, c, go.data(), D, dot);
-                // derivatives of the bilinear weights with respect to h_im and w_im, per corner
-                const acc_t hh = static_cast<acc_t>(1) - s.lh, hw = static_cast<acc_t>(1) - s.lw;
-                const acc_t dh[4] = {-hw, -s.lw, hw, s.lw};
-                const acc_t dw[4] = {-hh, hh, -s.lh, s.lh};
+                acc_t dh[4], dw[4];
+                corner_weight_derivatives(s, dh, dw);
                 for (int k = 0; k < c.count; ++k) {
                   g_aw += c.cw[k] * dot[k];
                   g_h += dh[c.idx[k]] * dot[k];
