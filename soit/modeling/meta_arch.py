@@ -1,5 +1,6 @@
 """The SOIT meta-architecture: detectron2 dicts in, a loss dict or ``Instances`` out."""
 import copy
+import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -13,6 +14,7 @@ from ..layers.position_encoding import inverse_sigmoid, valid_extent
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import matched_queries, sample_mask_points
 from .mask_head import aligned_bilinear
+from .scale_search import check_test_scales, rescale_input, select_scale
 from .tiling import TileDetections, paste_masks, tiled_predict
 from .transformer import TooFewTokensError
 
@@ -22,6 +24,7 @@ __all__ = ["SOIT", "MLP", "soit_postprocess", "REFERENCE_PARTS"]
 QUERY_OUTPUTS = ("pred_logits", "pred_boxes", "dyn_params")
 # the parts of the model that reference_size makes measure pixels (docs/scale.md)
 REFERENCE_PARTS = ("position", "proposals", "queries", "deltas", "mask")
+logger = logging.getLogger(__name__)
 
 
 class MLP(nn.Module):
@@ -78,6 +81,8 @@ class SOIT(nn.Module):
         tile_overlap: int = 64,
         tile_batch_size: int = 4,
         tile_merge_threshold: float = 0.5,
+        test_scales: Sequence[float] = (),
+        test_scale_score_threshold: float = 0.5,
         reference_size: int = 0,
         reference_parts: Sequence[str] = REFERENCE_PARTS,
         denoising: Optional[nn.Module] = None,
@@ -118,6 +123,16 @@ class SOIT(nn.Module):
             tile_batch_size: tiles per forward pass.
             tile_merge_threshold: intersection over the smaller mask above which two
                 detections of different tiles are one object.
+            test_scales: () (default, the paper): each image is predicted as it comes. A
+                list of factors, e.g. ``(0.5, 1, 2)``: inference predicts each image resized
+                by every factor (tiled when ``tile_size`` is set) and keeps, per image, the
+                detections of the factor with the highest confidence (the sum of its scores
+                above ``test_scale_score_threshold``), in the original coordinates. For test
+                images whose objects may be larger or smaller than in training
+                (``soit.modeling.scale_search``, ``docs/scale.md``); it costs the sum of
+                the squared factors in compute. Training and export are never affected.
+            test_scale_score_threshold: scores at or below it do not count in a factor's
+                confidence.
             reference_size: 0 (default, the paper): the encodings, proposal sizes and box
                 deltas work in fractions of each image's size. > 0 (pixels): they work in
                 units of this size instead (each image's valid size / reference_size
@@ -161,6 +176,8 @@ class SOIT(nn.Module):
         self.tile_overlap = tile_overlap
         self.tile_batch_size = tile_batch_size
         self.tile_merge_threshold = tile_merge_threshold
+        self.test_scales = check_test_scales(test_scales, test_scale_score_threshold)
+        self.test_scale_score_threshold = test_scale_score_threshold
         unknown = sorted(set(reference_parts) - set(REFERENCE_PARTS))
         if reference_size < 0 or unknown:
             raise ValueError(
@@ -364,6 +381,8 @@ class SOIT(nn.Module):
                 part is what deployment traces (TracingAdapter): no Python numbers depend on
                 the input size, so an exported graph runs at any size.
         """
+        if self.test_scales and do_postprocess and not torch.jit.is_tracing():
+            return self.scale_search_inference(batched_inputs)
         if self.tile_size and do_postprocess and not torch.jit.is_tracing():
             return self.tiled_inference(batched_inputs)
         images, padding = self.preprocess_image(batched_inputs)
@@ -375,6 +394,27 @@ class SOIT(nn.Module):
         for res, x, size in zip(results, batched_inputs, images.image_sizes):
             output_size = (x.get("height", size[0]), x.get("width", size[1]))
             processed.append({"instances": self.postprocess(res, size, output_size)})
+        return processed
+
+    def scale_search_inference(self, batched_inputs: List[Dict]):
+        """:meth:`inference` with ``test_scales`` set: each image is predicted at every
+        factor (see ``soit.modeling.scale_search``) and the most confident one is kept. A
+        factor that makes an image too small for the model is skipped (logged); an image
+        too small at every factor is an error."""
+        processed = []
+        for x in batched_inputs:
+            candidates, error = [], None
+            for factor in check_test_scales(self.test_scales, self.test_scale_score_threshold):
+                y = rescale_input(x, factor)
+                try:
+                    candidates.extend(self.tiled_inference([y]) if self.tile_size else self._untiled(y))
+                except TooFewTokensError as e:
+                    error = e
+                    logger.warning(f"test scale {factor:g} skipped: {e}")
+            if not candidates:
+                raise error
+            best = select_scale([c["instances"].scores for c in candidates], self.test_scale_score_threshold)
+            processed.append(candidates[best])
         return processed
 
     def tiled_inference(self, batched_inputs: List[Dict]):
