@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soit.layers import ms_deform_attn
+from soit.layers.ms_deform_attn import mask_head_kernel
 from soit.layers.position_encoding import sine_embedding, valid_extent
 
 __all__ = [
@@ -290,7 +291,7 @@ class InstanceAwareMaskHead(nn.Module):
         ys = (torch.arange(h, device=z.device, dtype=z.dtype) + 0.5) / h
         xs = (torch.arange(w, device=z.device, dtype=z.dtype) + 0.5) / w
         ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 2)
-        return self._attend(mask_feats, value, z, ref, p, batch_index).view(n, h, w)
+        return self._attend(mask_feats, value, z, ref, p, batch_index, at_pixels=True).view(n, h, w)
 
     def forward_at_points(self, mask_feats, mask_padding, dyn_params, centers, batch_index, points, coordinate_scale=None):
         """Mask logits of n instances at P points each, without the full map (PointRend-style
@@ -340,15 +341,23 @@ class InstanceAwareMaskHead(nn.Module):
             temperature=self.temperature,
         )
 
-    def _attend(self, mask_feats, value, z, ref, p, batch_index):
+    def _attend(self, mask_feats, value, z, ref, p, batch_index, at_pixels=False):
         """The generated deformable-attention layer for queries ``z`` (n, Nq, C) at reference
         points ``ref`` ((1 or n), Nq, 2) (x, y) of the padded map; returns (n, Nq) logits.
-        Offsets are in pixels of the stride-8 map."""
+        Offsets are in pixels of the stride-8 map. ``at_pixels``: the queries are the map's
+        pixels in order and ``ref`` their centres (then CPU inference fuses the sampling)."""
         n, nq, _ = z.shape
         M, K = self.num_heads, self.num_points
         offsets = torch.baddbmm(p["offset_bias"][:, None], z, p["offset_weight"].transpose(1, 2))
-        offsets = offsets.view(n, nq, M, 1, K, 2)
         attn = torch.baddbmm(p["attn_bias"][:, None], z, p["attn_weight"].transpose(1, 2))
+        fused = mask_head_kernel(value, offsets, attn) if at_pixels else None
+        if fused is not None:
+            # softmax, locations, sampling and ReLU in one pass over the pixels, the same
+            # arithmetic as below without its intermediate tensors (docs/benchmarks.md)
+            h, w = mask_feats.shape[-2:]
+            sampled = fused(offsets, attn, value.contiguous(), batch_index.contiguous(), h, w)
+            return torch.bmm(sampled, p["out_weight"][:, :, None])[..., 0] + p["out_bias"][:, None]
+        offsets = offsets.view(n, nq, M, 1, K, 2)
         attn = _softmax_short(attn.view(n, nq, M, K)).view(n, nq, M, 1, K)
         # (h, w) from the tensor's shape, not Python ints, so that a traced graph keeps them
         shapes = torch._shape_as_tensor(mask_feats)[-2:].to(z.device)[None]

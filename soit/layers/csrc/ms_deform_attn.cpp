@@ -6,6 +6,8 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "ms_deform_attn.h"
 
@@ -148,6 +150,38 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spat
                                      value_index, grad_output, d);
 }
 
+// Checks the fused mask-head sampling's inputs (see mask_head_sample_cpu) and runs it.
+at::Tensor mask_head_sample(const at::Tensor& offsets, const at::Tensor& logits, const at::Tensor& value,
+                            const at::Tensor& batch_index, int64_t H, int64_t W) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+              "mask_head_sample: float32 or float64 inputs, got ", value.scalar_type());
+  for (const auto& [name, t] : {std::make_pair("offsets", &offsets), std::make_pair("logits", &logits),
+                                std::make_pair("value", &value)}) {
+    TORCH_CHECK(t->is_cpu(), "mask_head_sample: ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == value.scalar_type(), "mask_head_sample: ", name, " is ", t->scalar_type(),
+                ", value is ", value.scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "mask_head_sample: ", name, " must be contiguous");
+  }
+  TORCH_CHECK(batch_index.is_cpu() && batch_index.scalar_type() == at::kLong && batch_index.is_contiguous(),
+              "mask_head_sample: batch_index must be a contiguous CPU int64 tensor");
+  TORCH_CHECK(offsets.dim() == 3 && logits.dim() == 3 && value.dim() == 4 && H >= 0 && W >= 0,
+              "mask_head_sample: offsets must be (n, H * W, 2MK), logits (n, H * W, MK), value (B, H * W, M, Dh)");
+  const int64_t n = offsets.size(0), S = H * W, B = value.size(0), M = value.size(2), MK = logits.size(2);
+  TORCH_CHECK(value.size(1) == S && offsets.size(1) == S && logits.size(1) == S,
+              "mask_head_sample: offsets ", offsets.sizes(), ", logits ", logits.sizes(), " and value ",
+              value.sizes(), " do not fit a ", H, " x ", W, " map");
+  TORCH_CHECK(M > 0 && MK % M == 0 && logits.size(0) == n && offsets.size(2) == 2 * MK,
+              "mask_head_sample: logits must be (n, H * W, M * K) and offsets (n, H * W, 2 * M * K) with M = ", M,
+              " heads; got offsets ", offsets.sizes(), ", logits ", logits.sizes());
+  TORCH_CHECK(batch_index.dim() == 1 && batch_index.size(0) == n, "mask_head_sample: batch_index must be (", n,
+              ",), got ", batch_index.sizes());
+  if (n > 0) {
+    TORCH_CHECK(batch_index.min().item<int64_t>() >= 0 && batch_index.max().item<int64_t>() < B,
+                "mask_head_sample: batch_index out of range [0, ", B, ")");
+  }
+  return mask_head_sample_cpu(offsets, logits, value, batch_index, H, W);
+}
+
 bool with_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -189,4 +223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_attention_weights].",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("value_index"), py::arg("grad_output"));
+  m.def("mask_head_sample", &soit::mask_head_sample,
+        "The mask head's sampling at every pixel of an H x W map, fused (CPU, inference): from raw offsets "
+        "(n, H * W, 2MK) in pixels and attention logits (n, H * W, MK), returns ReLU(sampled) (n, H * W, M * Dh).",
+        py::arg("offsets"), py::arg("logits"), py::arg("value"), py::arg("batch_index"), py::arg("H"), py::arg("W"));
 }

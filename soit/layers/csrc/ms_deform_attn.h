@@ -49,6 +49,11 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, con
                                                     const std::optional<at::Tensor>& value_index,
                                                     const at::Tensor& grad_output, const MSDAShape& d);
 
+// The mask head's sampling at every pixel, fused, for inference (ms_deform_attn_cpu.cpp); the
+// inputs were checked by the caller (mask_head_sample).
+at::Tensor mask_head_sample_cpu(const at::Tensor& offsets, const at::Tensor& logits, const at::Tensor& value,
+                                const at::Tensor& batch_index, int64_t H, int64_t W);
+
 #ifdef WITH_CUDA
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,

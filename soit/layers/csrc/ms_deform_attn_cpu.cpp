@@ -27,6 +27,8 @@
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -190,6 +192,25 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, con
   }
   if (grad_value.scalar_type() != value.scalar_type()) grad_value = grad_value.to(value.scalar_type());
   return {grad_value, grad_loc, grad_attw};
+}
+
+at::Tensor mask_head_sample_cpu(const at::Tensor& offsets, const at::Tensor& logits, const at::Tensor& value,
+                                const at::Tensor& batch_index, int64_t H, int64_t W) {
+  const int64_t n = offsets.size(0), M = value.size(2), Dh = value.size(3), K = logits.size(2) / M;
+  at::Tensor out = at::empty({n, H * W, M * Dh}, value.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "mask_head_sample", [&] {
+    // float32 with 2 channels per head (SOIT's C = 8, M = 4) fixed at compile time, as in the forward
+    const bool two = std::is_same<scalar_t, float>::value && Dh == 2;
+    auto kernel = two ? cpu_baseline::Kernels::mask_head<scalar_t, 2>() : cpu_baseline::Kernels::mask_head<scalar_t, 0>();
+#ifdef SOIT_CPU_AVX2
+    if (use_avx2())
+      kernel = two ? cpu_avx2::Kernels::mask_head<scalar_t, 2>() : cpu_avx2::Kernels::mask_head<scalar_t, 0>();
+#endif
+    kernel(offsets.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
+           batch_index.data_ptr<int64_t>(), n, M, K, Dh, H, W, out.data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 }  // namespace soit

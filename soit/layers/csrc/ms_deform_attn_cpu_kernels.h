@@ -212,6 +212,60 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
   });
 }
 
+// The mask head's sampling at every pixel of its (H, W) map, for inference (no gradients),
+// fused: from each instance's raw sampling offsets (pixels) and attention logits at a pixel,
+// the softmax over each head's K points, the locations (pixel centre + offset / (W, H)), the
+// bilinear samples, their weighted sum and the ReLU, without the intermediate tensors of the
+// composition in soit/modeling/mask_head.py (normalised offsets, locations, weights: about 50
+// values per instance and pixel, each written and read again). The same arithmetic as that
+// composition, operation for operation.
+//   off (n, S, 2MK) and logits (n, S, MK), S = H * W, ordered (head, point[, xy]); value
+//   (B, S, M, Dh); bidx[i] the value map of instance i. Writes out (n, S, M * Dh).
+// kD > 0: Dh fixed at compile time, as in forward_impl (the same loops, the same rounding).
+template <typename scalar_t, int kD>
+void mask_head_impl(const scalar_t* off, const scalar_t* logits, const scalar_t* value, const int64_t* bidx,
+                    int64_t n, int64_t M, int64_t K, int64_t dh, int64_t H, int64_t W, scalar_t* out) {
+  using acc_t = scalar_t;
+  const int64_t Dh = kD > 0 ? kD : dh, S = H * W, MK = M * K, MD = M * Dh;
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, MK));
+  at::parallel_for(0, n * S, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> weight(static_cast<size_t>(K));
+    Corners<acc_t> c;
+    Bilinear<acc_t> s;
+    for (int64_t iq = begin; iq < end; ++iq) {
+      const int64_t i = iq / S, q = iq % S;
+      const scalar_t* op = off + iq * 2 * MK;
+      const scalar_t* lp = logits + iq * MK;
+      const scalar_t* vmap = value + bidx[i] * S * MD;
+      scalar_t* outp = out + iq * MD;
+      // the pixel centre, as (arange(W) + 0.5) / W
+      const acc_t rx = (static_cast<acc_t>(q % W) + static_cast<acc_t>(0.5)) / static_cast<acc_t>(W);
+      const acc_t ry = (static_cast<acc_t>(q / W) + static_cast<acc_t>(0.5)) / static_cast<acc_t>(H);
+      for (int64_t m = 0; m < M; ++m) {
+        // softmax over the head's K points: exp(x - max) / sum
+        acc_t mx = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t k = 0; k < K; ++k) mx = std::max(mx, static_cast<acc_t>(lp[m * K + k]));
+        acc_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          weight[k] = std::exp(static_cast<acc_t>(lp[m * K + k]) - mx);
+          sum += weight[k];
+        }
+        acc_t* acc = outp + m * Dh;
+        for (int64_t d = 0; d < Dh; ++d) acc[d] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t o = 2 * (m * K + k);
+          const acc_t x = rx + static_cast<acc_t>(op[o]) / static_cast<acc_t>(W);
+          const acc_t y = ry + static_cast<acc_t>(op[o + 1]) / static_cast<acc_t>(H);
+          const acc_t aw = weight[k] / sum;
+          if (corners<acc_t>(x, y, static_cast<int>(H), static_cast<int>(W), aw, MD, c, s))
+            gather_corners(vmap + m * Dh, c, aw, Dh, acc);
+        }
+        for (int64_t d = 0; d < Dh; ++d) acc[d] = std::max(acc[d], static_cast<acc_t>(0));
+      }
+    }
+  });
+}
+
 // This copy's entry points as a type, so that the caller can choose a copy as a template argument.
 struct Kernels {
   template <bool kBackward, typename scalar_t, typename coord_t, int kD>
@@ -220,6 +274,10 @@ struct Kernels {
       return &backward_impl<scalar_t, coord_t, kD>;
     else
       return &forward_impl<scalar_t, coord_t, kD>;
+  }
+  template <typename scalar_t, int kD>
+  static auto mask_head() {
+    return &mask_head_impl<scalar_t, kD>;
   }
 };
 

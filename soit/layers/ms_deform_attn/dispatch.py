@@ -10,6 +10,11 @@ The rule, in order:
    applies rule 4 each time the recorded graph runs.
 4. Otherwise ``soit._C`` when it serves the tensor (CPU tensors whenever it is loaded; CUDA
    tensors when it was built with CUDA for that GPU), else the PyTorch path.
+
+The mask head's inference on the CPU may skip the op altogether: where rule 4 would run
+``soit._C`` on a float32 / float64 CPU tensor and no gradient is needed,
+:func:`mask_head_kernel` gives ``soit._C``'s fused mask-head sampling (softmax, locations,
+sampling and ReLU at every pixel in one pass).
 """
 
 import contextlib
@@ -21,7 +26,7 @@ from . import extension
 from .op import ms_deform_attn_compiled
 from .pytorch import ms_deform_attn_pytorch_any
 
-__all__ = ["force_pytorch", "ms_deform_attn", "route"]
+__all__ = ["force_pytorch", "mask_head_kernel", "ms_deform_attn", "route"]
 
 _LOCAL = threading.local()
 
@@ -101,3 +106,19 @@ def ms_deform_attn(
         return torch.ops.soit.ms_deform_attn(*args)
     return ms_deform_attn_pytorch_any(*args)
 
+
+def mask_head_kernel(value: torch.Tensor, *tensors: torch.Tensor):
+    """``soit._C.mask_head_sample`` when it may run the mask head's sampling at every pixel
+    in one call: ``value`` and ``tensors`` are CPU tensors of one dtype, float32 or float64,
+    no gradient is needed, and rule 4 would run ``soit._C`` (so never inside
+    :func:`force_pytorch`, while tracing or exporting). None otherwise: the caller composes
+    the layer from :func:`ms_deform_attn`."""
+    if value.device.type != "cpu" or value.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(t.device != value.device or t.dtype != value.dtype for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, *tensors)):
+        return None
+    if route(value, "auto") != "kernel":
+        return None
+    return getattr(extension.compiled_module(), "mask_head_sample", None)
