@@ -82,7 +82,7 @@ class SOIT(nn.Module):
         tile_batch_size: int = 4,
         tile_merge_threshold: float = 0.5,
         test_scales: Sequence[float] = (),
-        test_scale_score_threshold: float = 0.5,
+        test_scale_top_k: int = 10,
         reference_size: int = 0,
         reference_parts: Sequence[str] = REFERENCE_PARTS,
         denoising: Optional[nn.Module] = None,
@@ -126,13 +126,12 @@ class SOIT(nn.Module):
             test_scales: () (default, the paper): each image is predicted as it comes. A
                 list of factors, e.g. ``(0.5, 1, 2)``: inference predicts each image resized
                 by every factor (tiled when ``tile_size`` is set) and keeps, per image, the
-                detections of the factor with the highest confidence (the sum of its scores
-                above ``test_scale_score_threshold``), in the original coordinates. For test
+                detections of the factor with the highest confidence (the mean of its
+                ``test_scale_top_k`` highest scores), in the original coordinates. For test
                 images whose objects may be larger or smaller than in training
                 (``soit.modeling.scale_search``, ``docs/scale.md``); it costs the sum of
                 the squared factors in compute. Training and export are never affected.
-            test_scale_score_threshold: scores at or below it do not count in a factor's
-                confidence.
+            test_scale_top_k: how many of a factor's highest scores its confidence averages.
             reference_size: 0 (default, the paper): the encodings, proposal sizes and box
                 deltas work in fractions of each image's size. > 0 (pixels): they work in
                 units of this size instead (each image's valid size / reference_size
@@ -176,8 +175,8 @@ class SOIT(nn.Module):
         self.tile_overlap = tile_overlap
         self.tile_batch_size = tile_batch_size
         self.tile_merge_threshold = tile_merge_threshold
-        self.test_scales = check_test_scales(test_scales, test_scale_score_threshold)
-        self.test_scale_score_threshold = test_scale_score_threshold
+        self.test_scales = check_test_scales(test_scales, test_scale_top_k)
+        self.test_scale_top_k = test_scale_top_k
         unknown = sorted(set(reference_parts) - set(REFERENCE_PARTS))
         if reference_size < 0 or unknown:
             raise ValueError(
@@ -404,7 +403,7 @@ class SOIT(nn.Module):
         processed = []
         for x in batched_inputs:
             candidates, error = [], None
-            for factor in check_test_scales(self.test_scales, self.test_scale_score_threshold):
+            for factor in check_test_scales(self.test_scales, self.test_scale_top_k):
                 y = rescale_input(x, factor)
                 try:
                     candidates.extend(self.tiled_inference([y]) if self.tile_size else self._untiled(y))
@@ -413,7 +412,7 @@ class SOIT(nn.Module):
                     logger.warning(f"test scale {factor:g} skipped: {e}")
             if not candidates:
                 raise error
-            best = select_scale([c["instances"].scores for c in candidates], self.test_scale_score_threshold)
+            best = select_scale([c["instances"].scores for c in candidates], self.test_scale_top_k)
             processed.append(candidates[best])
         return processed
 

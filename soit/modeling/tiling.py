@@ -162,21 +162,28 @@ def merge_tile_detections(
     candidates.sort(key=lambda c: (c[0], c[1]))  # whole before cut, then by decreasing score
 
     kept: List[_Kept] = []
+    # the kept detections' boxes and labels as tensors: one comparison finds those whose box
+    # overlaps a candidate's (only they can be the same object)
+    kept_boxes = torch.zeros(len(candidates), 4, dtype=torch.float64)
+    kept_labels = torch.zeros(len(candidates), dtype=torch.long)
     for cut, neg_score, tile, i, box in candidates:
         det, window = detections[tile], tuple(windows[tile])
         mask, label = det.masks[i], int(det.labels[i])
         duplicate = None
-        if mask.any():
-            for k in kept:
-                if k.label != label or tile in k.tiles or (box[:2] >= k.box[2:]).any() or (k.box[:2] >= box[2:]).any():
-                    continue
-                if _agreement(k, mask, window) > merge_threshold:
-                    duplicate = k
+        if kept and mask.any():
+            kb, b = kept_boxes[: len(kept)], box.to(torch.float64).cpu()
+            near = (kept_labels[: len(kept)] == label) & (b[0] < kb[:, 2]) & (b[1] < kb[:, 3])
+            near &= (kb[:, 0] < b[2]) & (kb[:, 1] < b[3])
+            for j in near.nonzero()[:, 0].tolist():
+                if tile not in kept[j].tiles and _agreement(kept[j], mask, window) > merge_threshold:
+                    duplicate = j
                     break
         if duplicate is None:
+            kept_boxes[len(kept)], kept_labels[len(kept)] = box.to(torch.float64), label
             kept.append(_Kept(-neg_score, label, box.clone(), mask, window, {tile}, cut))
-        elif cut and duplicate.cut:
-            _unite(duplicate, mask, window, box, -neg_score, tile)
+        elif cut and kept[duplicate].cut:
+            _unite(kept[duplicate], mask, window, box, -neg_score, tile)
+            kept_boxes[duplicate] = kept[duplicate].box.to(torch.float64)
 
     kept.sort(key=lambda k: -k.score)
     kept = kept[:max_detections]

@@ -11,33 +11,34 @@ from soit.modeling.transformer import TooFewTokensError
 from conftest import separated_tiny_model, synthetic_sample, tiny_model
 
 
-def test_confidence_sums_the_scores_above_the_threshold():
-    scores = torch.tensor([0.9, 0.6, 0.5, 0.2])
-    assert confidence(scores, 0.5) == pytest.approx(1.5)
-    assert confidence(scores, 0.0) == pytest.approx(2.2)
-    assert confidence(torch.zeros(0), 0.5) == 0.0
+def test_confidence_is_the_mean_of_the_top_k_scores():
+    scores = torch.tensor([0.5, 0.9, 0.2, 0.6])
+    assert confidence(scores, 2) == pytest.approx(0.75)
+    assert confidence(scores, 4) == pytest.approx(0.55)
+    assert confidence(scores, 8) == pytest.approx(2.2 / 8)  # missing detections count as 0
+    assert confidence(torch.zeros(0), 3) == 0.0
 
 
 def test_the_most_confident_scale_is_chosen():
-    few_sure = torch.tensor([0.95, 0.9])
-    many_sure = torch.tensor([0.8, 0.8, 0.7, 0.3, 0.3])
-    tail_only = torch.tensor([0.45] * 50)  # a long low tail counts for nothing
-    assert select_scale([few_sure, many_sure, tail_only], 0.5) == 1
-    assert select_scale([tail_only, few_sure], 0.5) == 1
-    assert select_scale([tail_only, few_sure], 0.0) == 0  # without the threshold the tail wins
-    assert select_scale([few_sure, few_sure.clone()], 0.5) == 0  # the first of equals
+    sure = torch.tensor([0.95, 0.9, 0.9, 0.1])
+    many_pieces = torch.tensor([0.8] * 40)  # an object cut into confident pieces: many, but less sure
+    few = torch.tensor([0.99])
+    assert select_scale([many_pieces, sure, few], 3) == 1
+    assert select_scale([many_pieces, sure, few], 1) == 2
+    assert select_scale([many_pieces, sure], 10) == 0  # over 10, the pieces' mass wins
+    assert select_scale([sure, sure.clone()], 3) == 0  # the first of equals
 
 
 @pytest.mark.parametrize(
-    "scales,threshold,match",
-    [([0.5, 0], 0.5, "positive"), ([1, 1.0], 0.5, "twice"), ("abc", 0.5, "list of positive numbers"),
-     ([1, float("nan")], 0.5, "positive"), ([1, 2], 1.5, "test_scale_score_threshold")],
+    "scales,top_k,match",
+    [([0.5, 0], 10, "positive"), ([1, 1.0], 10, "twice"), ("abc", 10, "list of positive numbers"),
+     ([1, float("nan")], 10, "positive"), ([1, 2], 0, "test_scale_top_k"), ([1, 2], 2.5, "test_scale_top_k")],
 )  # fmt: skip
-def test_bad_settings_are_named(scales, threshold, match):
+def test_bad_settings_are_named(scales, top_k, match):
     with pytest.raises(ValueError, match=match):
-        check_test_scales(scales, threshold)
+        check_test_scales(scales, top_k)
     with pytest.raises(ValueError, match=match):
-        tiny_model(test_scales=scales, test_scale_score_threshold=threshold)
+        tiny_model(test_scales=scales, test_scale_top_k=top_k)
 
 
 def test_rescaled_input_keeps_the_output_size():
@@ -100,14 +101,14 @@ def test_the_search_returns_the_most_confident_factor_in_the_original_size(model
     inputs = [{"image": image, "height": 256, "width": 400}, {"image": image.flip(-1)}]
     factors = (0.75, 1.0, 1.5)
     singles = [_predict(model, inputs, test_scales=(f,)) for f in factors]
-    searched = _predict(model, inputs, test_scales=factors, test_scale_score_threshold=0.0)
+    searched = _predict(model, inputs, test_scales=factors, test_scale_top_k=5)
     for i, size in enumerate([(256, 400), (128, 200)]):
         candidates = [s[i]["instances"] for s in singles]
         for inst in candidates:  # every factor answers in the original size
             assert inst.image_size == size and inst.pred_masks.shape[1:] == size
             boxes = inst.pred_boxes.tensor
             assert (boxes[:, 2] <= size[1]).all() and (boxes[:, 3] <= size[0]).all()
-        values = [confidence(c.scores, 0.0) for c in candidates]
+        values = [confidence(c.scores, 5) for c in candidates]
         best = max(range(len(values)), key=lambda j: values[j])
         assert _same(searched[i]["instances"], candidates[best])
     # the factors do give different detections, so the choice was a real one
