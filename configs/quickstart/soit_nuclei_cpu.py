@@ -40,6 +40,11 @@ model.mask_encoder.dropout = 0.0
 # normalised scale (docs/scale.md). tile_size=0 predicts the tile in one pass.
 model.tile_size = 256
 model.tile_overlap = 64  # >= the largest nucleus (~60 px), so each is whole in some tile
+# Test-time scale search: each image is also predicted at half and twice its size, and the
+# magnification the model is most confident at is kept, so that nuclei larger or smaller than
+# the training ones are still found (docs/scale.md, "Scale search"). It costs 5.25x the
+# inference compute; model.test_scales=[] predicts at the given size only.
+model.test_scales = [0.5, 1.0, 2.0]
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(

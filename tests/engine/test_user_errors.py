@@ -1,6 +1,7 @@
 """Bad inputs through the entry points a user calls: each is named, nothing is lost."""
 import hashlib
 import json
+import logging
 import os
 
 import pytest
@@ -157,7 +158,7 @@ def test_quickstart_overwrite_removes_only_what_it_wrote(tmp_path):
     assert sorted(os.listdir(previous)) == ["notes.txt"]
 
 
-def test_an_image_too_small_for_the_queries_is_named_in_prediction_and_export(one_class_weights, tmp_path):
+def test_an_image_too_small_for_the_queries_is_named_in_prediction_and_export(one_class_weights, tmp_path, caplog):
     import cv2
     export_model = load_tool("deploy/export_model")
     import numpy as np
@@ -165,9 +166,20 @@ def test_an_image_too_small_for_the_queries_is_named_in_prediction_and_export(on
     from soit.modeling.transformer import TooFewTokensError
 
     small = np.full((40, 48, 3), 128, np.uint8)
-    predictor = Predictor(QUICKSTART, checkpoint=one_class_weights)
+    predictor = Predictor(QUICKSTART, checkpoint=one_class_weights, overrides=["model.test_scales=[]"])
     with pytest.raises(TooFewTokensError, match=r"input 0 \(48x40\) too small for the model .*cannot give 100 proposals"):
         predictor(small)
+    # the quick start's scale search ([0.5, 1, 2]) skips, with a warning naming the image, the
+    # factors too small for the model and predicts at the one that fits (x2)
+    searching = Predictor(QUICKSTART, checkpoint=one_class_weights)
+    with caplog.at_level(logging.WARNING, logger="soit.modeling.meta_arch"):
+        instances = searching(small)
+    assert instances.image_size == (40, 48)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and "test scale 0.5 skipped" in skipped[0] and "test scale 1 skipped" in skipped[1]
+    assert "(48x40) too small" in skipped[1]
+    with pytest.raises(TooFewTokensError, match=r"\(48x40\) too small"):  # too small at every factor
+        Predictor(QUICKSTART, checkpoint=one_class_weights, overrides=["model.test_scales=[0.5,1]"])(small)
     path = str(tmp_path / "small.png")
     cv2.imwrite(path, small)
     out = tmp_path / "export"
