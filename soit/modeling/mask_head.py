@@ -356,13 +356,14 @@ class InstanceAwareMaskHead(nn.Module):
             # arithmetic as below without its intermediate tensors (docs/benchmarks.md)
             h, w = mask_feats.shape[-2:]
             sampled = fused(offsets, attn, value.contiguous(), batch_index.contiguous(), h, w)
-            return torch.bmm(sampled, p["out_weight"][:, :, None])[..., 0] + p["out_bias"][:, None]
-        offsets = offsets.view(n, nq, M, 1, K, 2)
-        attn = _softmax_short(attn.view(n, nq, M, K)).view(n, nq, M, 1, K)
-        # (h, w) from the tensor's shape, not Python ints, so that a traced graph keeps them
-        shapes = torch._shape_as_tensor(mask_feats)[-2:].to(z.device)[None]
-        locations = ref.to(offsets.dtype)[:, :, None, None, None] + offsets / shapes.flip(-1).to(offsets.dtype)
-        start = shapes.new_zeros(1)
-        sampled = ms_deform_attn(value, shapes, start, locations, attn.to(value.dtype), value_index=batch_index)
+        else:
+            offsets = offsets.view(n, nq, M, 1, K, 2)
+            attn = _softmax_short(attn.view(n, nq, M, K)).view(n, nq, M, 1, K)
+            # (h, w) from the tensor's shape, not Python ints, so that a traced graph keeps them
+            shapes = torch._shape_as_tensor(mask_feats)[-2:].to(z.device)[None]
+            locations = ref.to(offsets.dtype)[:, :, None, None, None] + offsets / shapes.flip(-1).to(offsets.dtype)
+            start = shapes.new_zeros(1)
+            sampled = ms_deform_attn(value, shapes, start, locations, attn.to(value.dtype), value_index=batch_index)
+            sampled = sampled.relu()
         # (n, Nq, C) . (n, C) -> (n, Nq)
-        return torch.bmm(sampled.relu(), p["out_weight"][:, :, None])[..., 0] + p["out_bias"][:, None]
+        return torch.bmm(sampled, p["out_weight"][:, :, None])[..., 0] + p["out_bias"][:, None]

@@ -169,9 +169,9 @@ def merge_tile_detections(
     for cut, neg_score, tile, i, box in candidates:
         det, window = detections[tile], tuple(windows[tile])
         mask, label = det.masks[i], int(det.labels[i])
-        duplicate = None
+        duplicate, b = None, box.to(torch.float64).cpu()
         if kept and mask.any():
-            kb, b = kept_boxes[: len(kept)], box.to(torch.float64).cpu()
+            kb = kept_boxes[: len(kept)]
             near = (kept_labels[: len(kept)] == label) & (b[0] < kb[:, 2]) & (b[1] < kb[:, 3])
             near &= (kb[:, 0] < b[2]) & (kb[:, 1] < b[3])
             for j in near.nonzero()[:, 0].tolist():
@@ -179,7 +179,7 @@ def merge_tile_detections(
                     duplicate = j
                     break
         if duplicate is None:
-            kept_boxes[len(kept)], kept_labels[len(kept)] = box.to(torch.float64), label
+            kept_boxes[len(kept)], kept_labels[len(kept)] = b, label
             kept.append(_Kept(-neg_score, label, box.clone(), mask, window, {tile}, cut))
         elif cut and kept[duplicate].cut:
             _unite(kept[duplicate], mask, window, box, -neg_score, tile)
