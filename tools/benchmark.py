@@ -9,11 +9,14 @@ Models (random weights; the counts of work match trained models, see below):
     soit_pytorch_attn
                   the same model with its deformable attention on the PyTorch (grid_sample)
                   path, as under force_pytorch() or without soit._C; not in the default list
+    soit_plain    the same model under soit.layers.cpu_inference.plain_inference(): linear
+                  layers as F.linear, the backbone's own forward with separate batch norms
+                  (the faster CPU inference formulations off); not in the default list
     mask_rcnn     detectron2's model-zoo Mask R-CNN R50-FPN (common/models/mask_rcnn_fpn.py)
     deformable    Hugging Face transformers' Deformable DETR, R-50, two-stage + box refinement
                   (only where transformers is installed; its row says so otherwise)
 
-Measured: inference latency at batch 1 (median of --runs calls after --warmup, CUDA-synced,
+Measured: inference latency at batch 1 (median of --runs calls after --warmup, the models taking turns, CUDA-synced,
 post-processing to the original size included), throughput at --throughput-batch images per
 call, peak GPU memory of inference; one training iteration at --train-batch images (forward,
 backward, AdamW step) per precision (fp32, fp16 with GradScaler, bf16 autocast) with its
@@ -33,7 +36,7 @@ import sys
 import time
 
 
-MODELS = ("soit", "soit_pytorch_attn", "mask_rcnn", "deformable")
+MODELS = ("soit", "soit_pytorch_attn", "soit_plain", "mask_rcnn", "deformable")
 DEFAULT_MODELS = ("soit", "mask_rcnn", "deformable")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -167,13 +170,26 @@ class PyTorchAttentionRunner(Detectron2Runner):
             return super().train_loss(batch)
 
 
+class PlainInferenceRunner(Detectron2Runner):
+    """A SOIT runner whose inference runs under plain_inference() (F.linear everywhere, the
+    backbone's batch norms as separate passes)."""
+
+    def infer(self, batch):
+        from soit.layers.cpu_inference import plain_inference
+
+        with plain_inference():
+            return super().infer(batch)
+
+
 def build_soit(image, device, name="soit"):
     from detectron2.config import instantiate
 
     from soit.model_zoo import get_config
 
     cfg = get_config("models/soit_r50.py")
-    runner_class = PyTorchAttentionRunner if name == "soit_pytorch_attn" else Detectron2Runner
+    runner_class = {"soit_pytorch_attn": PyTorchAttentionRunner, "soit_plain": PlainInferenceRunner}.get(
+        name, Detectron2Runner
+    )
     runner = runner_class(name, instantiate(cfg.model), image, device)
     calibrate_frozen_bn(runner.model, lambda: runner.infer(1))
     return runner
@@ -247,13 +263,32 @@ class HFDeformableRunner:
 
 
 # ---------------------------------------------------------------------------- measuring
+def interleaved_latency(runners, device, warmup, runs):
+    """Median seconds of ``runs`` batch-1 calls of each runner after ``warmup`` calls, the
+    runners' calls taking turns (a, b, c, a, b, c, ...): a load change on a shared machine
+    then reaches every model alike, and their ratio stays meaningful."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.infer(1)
+    times = {runner.name: [] for runner in runners}
+    for _ in range(runs):
+        for runner in runners:
+            sync(device)
+            start = time.perf_counter()
+            runner.infer(1)
+            sync(device)
+            times[runner.name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def measure(runner, device, args):
+    """Throughput, inference memory and training figures of one runner (latency: see
+    :func:`interleaved_latency`)."""
     import torch
 
     from detectron2.utils.events import EventStorage
 
     row = {"model": runner.name}
-    row["latency_ms"] = 1e3 * timed(lambda: runner.infer(1), device, args.warmup, args.runs)
     row["inference_peak_mib"] = peak_memory(device, lambda: runner.infer(1))
     if args.throughput_batch:
         b = args.throughput_batch
@@ -330,10 +365,10 @@ def main(argv=None):
     h, w = args.size
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
-    rows = []
+    runners = []
     for name in args.models:
         torch.manual_seed(0)
-        if name in ("soit", "soit_pytorch_attn"):
+        if name in ("soit", "soit_pytorch_attn", "soit_plain"):
             runner = build_soit(image, device, name)
         elif name == "mask_rcnn":
             runner = build_mask_rcnn(image, device, args.rcnn_candidates)
@@ -343,13 +378,20 @@ def main(argv=None):
             except ImportError as e:
                 print(f"deformable: skipped, transformers is not installed ({e})")
                 continue
-        rows.append(measure(runner, device, args))
-        del runner
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        runners.append(runner)
+    latency = interleaved_latency(runners, device, args.warmup, args.runs)
+    rows = []
+    for runner in runners:
+        rows.append({"latency_ms": 1e3 * latency[runner.name], **measure(runner, device, args)})
+    del runners, runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{name}, torch {torch.__version__}, {h}x{w}, latency: median of {args.runs} after {args.warmup} warm-up")
+    print(
+        f"{name}, torch {torch.__version__}, {h}x{w}, latency: median of {args.runs} after {args.warmup} warm-up, "
+        "the models' calls taking turns"
+    )
     cols = ["latency_ms", "throughput_img_s", "inference_peak_mib"]
     for p in args.train_precisions:
         cols += [f"train_{p}_ms", f"train_{p}_peak_mib"]

@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from ..layers.position_encoding import inverse_sigmoid, valid_extent
+from .backbone.folded_resnet import maybe_folded_forward
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import matched_queries, sample_mask_points
 from .mask_head import aligned_bilinear
@@ -493,7 +494,8 @@ class SOIT(nn.Module):
                 "enc_logits" (B, S, K) / "enc_boxes" (B, S, 4) or None.
             mask_inputs: dict of "mask_feats" (B, C_mask, h, w), "mask_padding" (B, h, w).
         """
-        features = self.backbone(images)
+        # CPU inference folds a ResNet's frozen batch norms into its convolutions (same values)
+        features = maybe_folded_forward(self.backbone, images)
         feats = self.neck([features[f] for f in self.in_features])
         masks = [F.interpolate(padding[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
         scale = self.coordinate_scale(padding)

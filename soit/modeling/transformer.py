@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from soit.layers import MSDeformAttn
+from soit.layers.cpu_inference import apply_linear
 from soit.layers.position_encoding import box_sine_embedding, inverse_sigmoid, sine_position_encoding, valid_extent
 
 from .box_ops import apply_box_delta
@@ -99,7 +100,7 @@ class FFN(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout2(self.linear2(self.dropout1(self.linear1(x).relu())))
+        return self.dropout2(apply_linear(self.linear2, self.dropout1(apply_linear(self.linear1, x, relu=True))))
 
 
 class DeformableEncoderLayer(nn.Module):

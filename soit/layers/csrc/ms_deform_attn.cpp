@@ -150,6 +150,30 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spat
                                      value_index, grad_output, d);
 }
 
+// The forward from reference points and offsets in pixels (CPU, inference): the locations
+// reference_points + offsets / (W_l, H_l) are formed inside the kernel, as the composition in
+// soit/layers/ms_deform_attn/module.py forms them, never stored.
+at::Tensor forward_from_offsets(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                                const at::Tensor& offsets, const at::Tensor& attention_weights,
+                                const std::optional<at::Tensor>& value_index) {
+  const MSDAShape d = check_inputs(value, spatial_shapes, level_start_index, offsets, attention_weights, value_index);
+  TORCH_CHECK(value.is_cpu(), "ms_deform_attn_forward_offsets: CPU tensors only, got ", value.device());
+  TORCH_CHECK(offsets.scalar_type() == value.scalar_type(), "ms_deform_attn_forward_offsets: offsets (",
+              offsets.scalar_type(), ") must have value's dtype (", value.scalar_type(), ")");
+  TORCH_CHECK(reference_points.dim() == 4 && reference_points.size(0) == d.N && reference_points.size(1) == d.Lq &&
+                  reference_points.size(2) == d.L && reference_points.size(3) == 2,
+              "ms_deform_attn_forward_offsets: reference_points must be (N, Lq, L, 2) = (", d.N, ", ", d.Lq, ", ",
+              d.L, ", 2), got ", reference_points.sizes());
+  TORCH_CHECK(reference_points.scalar_type() == offsets.scalar_type(), "ms_deform_attn_forward_offsets: "
+              "reference_points (", reference_points.scalar_type(), ") must have the offsets' dtype (",
+              offsets.scalar_type(), ")");
+  TORCH_CHECK(reference_points.is_cpu() && reference_points.is_contiguous(),
+              "ms_deform_attn_forward_offsets: reference_points must be a contiguous CPU tensor");
+  return ms_deform_attn_forward_cpu(value, spatial_shapes, level_start_index, offsets, attention_weights, value_index,
+                                    d, reference_points);
+}
+
 // Checks the fused mask-head sampling's inputs (see mask_head_sample_cpu) and runs it.
 at::Tensor mask_head_sample(const at::Tensor& offsets, const at::Tensor& logits, const at::Tensor& value,
                             const at::Tensor& batch_index, int64_t H, int64_t W) {
@@ -223,6 +247,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_attention_weights].",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
         py::arg("attention_weights"), py::arg("value_index"), py::arg("grad_output"));
+  m.def("ms_deform_attn_forward_offsets", &soit::forward_from_offsets,
+        "The forward (CPU, inference) from reference points (N, Lq, L, 2) in [0, 1] and sampling offsets "
+        "(N, Lq, M, L, P, 2) in pixels of each level: locations reference_points + offsets / (W_l, H_l).",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("reference_points"),
+        py::arg("offsets"), py::arg("attention_weights"), py::arg("value_index") = py::none());
   m.def("mask_head_sample", &soit::mask_head_sample,
         "The mask head's sampling at every pixel of an H x W map, fused (CPU, inference): from raw offsets "
         "(n, H * W, 2MK) in pixels and attention logits (n, H * W, MK), returns ReLU(sampled) (n, H * W, M * Dh).",

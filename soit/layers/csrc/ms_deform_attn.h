@@ -36,10 +36,13 @@ MSDAShape check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes
                        const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
                        const std::optional<at::Tensor>& value_index);
 
+// With reference_points (N, Lq, L, 2), sampling_locations holds offsets in pixels of each level
+// and the locations are reference_points + offsets / (W_l, H_l) (see forward_impl).
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights, const std::optional<at::Tensor>& value_index,
-                                      const MSDAShape& d);
+                                      const MSDAShape& d,
+                                      const std::optional<at::Tensor>& reference_points = std::nullopt);
 
 // Returns {grad_value, grad_sampling_locations, grad_attention_weights}.
 std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,

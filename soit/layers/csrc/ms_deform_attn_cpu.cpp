@@ -136,7 +136,7 @@ const int64_t* checked_value_index(const std::optional<at::Tensor>& value_index,
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights, const std::optional<at::Tensor>& value_index,
-                                      const MSDAShape& d) {
+                                      const MSDAShape& d, const std::optional<at::Tensor>& reference_points) {
   if (d.N * d.Lq * d.M == 0 || d.D == 0) return at::zeros({d.N, d.Lq, d.M * d.D}, value.options());
   // every element is written below
   at::Tensor out = at::empty({d.N, d.Lq, d.M * d.D}, value.options());
@@ -147,8 +147,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
     using scalar_t = decltype(s_tag);
     using coord_t = decltype(c_tag);
     auto run = [&](auto kernel) {
+      const coord_t* ref = reference_points.has_value() ? reference_points->data_ptr<coord_t>() : nullptr;
       kernel(value.data_ptr<scalar_t>(), sampling_locations.data_ptr<coord_t>(), attention_weights.data_ptr<coord_t>(),
-             vindex, out.data_ptr<scalar_t>(), d, lv);
+             vindex, ref, out.data_ptr<scalar_t>(), d, lv);
     };
 #ifdef SOIT_CPU_AVX2
     if (use_avx2()) return run_kernel<cpu_avx2::Kernels, false, scalar_t, coord_t>(d.D, run);

@@ -120,9 +120,13 @@ inline void scatter_corners(const scalar_t* v, acc_t* gv, const Corners<acc_t>& 
 
 // kD > 0: the channel count D fixed at compile time (the loops then unroll completely);
 // kD = 0: D read from the shape.
+// ref == nullptr: loc holds the sampling locations (N, Lq, M, L, P, 2) in [0, 1]. Otherwise loc
+// holds offsets in pixels of each level and ref (N, Lq, L, 2) the reference points: the location
+// is ref + offset / (W_l, H_l), computed here as the composition computes it (in coord_t, divide
+// then add), so both give the same bits without the (N, Lq, M, L, P, 2) locations in memory.
 template <typename scalar_t, typename coord_t, int kD>
 void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw, const int64_t* vindex,
-                  scalar_t* out, const MSDAShape& d, const Levels& lv) {
+                  const coord_t* ref, scalar_t* out, const MSDAShape& d, const Levels& lv) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t M = d.M, D = kD > 0 ? kD : d.D, L = d.L, P = d.P, MD = d.M * d.D;
   const int64_t per_item = M * L * P * std::max<int64_t>(D, 8);
@@ -142,11 +146,17 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
         const scalar_t* vhead = value + (b * d.S * M + m) * D;
         for (int64_t l = 0; l < L; ++l) {
           const scalar_t* vl = vhead + lv.start[l] * MD;
+          const coord_t* rp = ref ? ref + (nq * L + l) * 2 : nullptr;
+          const coord_t Wl = static_cast<coord_t>(lv.W[l]), Hl = static_cast<coord_t>(lv.H[l]);
           for (int64_t p = 0; p < P; ++p) {
             const int64_t t = l * P + p;
             const acc_t aw = static_cast<acc_t>(wp[t]);
-            if (corners<acc_t>(static_cast<acc_t>(lp[2 * t]), static_cast<acc_t>(lp[2 * t + 1]), lv.H[l], lv.W[l],
-                               aw, MD, c, s))
+            coord_t x = lp[2 * t], y = lp[2 * t + 1];
+            if (rp) {
+              x = rp[0] + x / Wl;
+              y = rp[1] + y / Hl;
+            }
+            if (corners<acc_t>(static_cast<acc_t>(x), static_cast<acc_t>(y), lv.H[l], lv.W[l], aw, MD, c, s))
               gather_corners(vl, c, aw, D, acc.data());
           }
         }

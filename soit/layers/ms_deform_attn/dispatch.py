@@ -11,22 +11,26 @@ The rule, in order:
 4. Otherwise ``soit._C`` when it serves the tensor (CPU tensors whenever it is loaded; CUDA
    tensors when it was built with CUDA for that GPU), else the PyTorch path.
 
-The mask head's inference on the CPU may skip the op altogether: where rule 4 would run
-``soit._C`` on a float32 / float64 CPU tensor and no gradient is needed,
-:func:`mask_head_kernel` gives ``soit._C``'s fused mask-head sampling (softmax, locations,
-sampling and ReLU at every pixel in one pass).
+Inference on the CPU may take two fused entries of ``soit._C`` instead: where rule 4 would
+run ``soit._C`` on a float32 / float64 CPU tensor, no gradient is needed and
+``plain_inference()`` is not active, :func:`mask_head_kernel` gives the fused mask-head
+sampling (softmax, locations, sampling and ReLU at every pixel in one pass) and
+:func:`offsets_kernel` the forward from reference points and offsets in pixels (the
+locations formed inside the kernel; :class:`MSDeformAttn` with point references).
 """
 
 import contextlib
 import threading
+from typing import Callable, Optional
 
 import torch
 
+from ..cpu_inference import plain_inference_active
 from . import extension
 from .op import ms_deform_attn_compiled
 from .pytorch import ms_deform_attn_pytorch_any
 
-__all__ = ["force_pytorch", "mask_head_kernel", "ms_deform_attn", "route"]
+__all__ = ["force_pytorch", "mask_head_kernel", "ms_deform_attn", "offsets_kernel", "route"]
 
 _LOCAL = threading.local()
 
@@ -107,18 +111,31 @@ def ms_deform_attn(
     return ms_deform_attn_pytorch_any(*args)
 
 
-def mask_head_kernel(value: torch.Tensor, *tensors: torch.Tensor):
-    """``soit._C.mask_head_sample`` when it may run the mask head's sampling at every pixel
-    in one call: ``value`` and ``tensors`` are CPU tensors of one dtype, float32 or float64,
-    no gradient is needed, and rule 4 would run ``soit._C`` (so never inside
-    :func:`force_pytorch`, while tracing or exporting). None otherwise: the caller composes
-    the layer from :func:`ms_deform_attn`."""
+def _inference_kernel(name: str, value: torch.Tensor, tensors) -> Optional[Callable]:
+    """``soit._C.<name>`` when it may run: ``value`` and ``tensors`` are CPU tensors of one
+    dtype, float32 or float64, no gradient is needed, rule 4 would run ``soit._C`` (so never
+    inside :func:`force_pytorch`, while tracing or exporting) and
+    :func:`~soit.layers.cpu_inference.plain_inference` is not active. None otherwise."""
     if value.device.type != "cpu" or value.dtype not in (torch.float32, torch.float64):
         return None
     if any(t.device != value.device or t.dtype != value.dtype for t in tensors):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (value, *tensors)):
         return None
-    if route(value, "auto") != "kernel":
+    if plain_inference_active() or route(value, "auto") != "kernel":
         return None
-    return getattr(extension.compiled_module(), "mask_head_sample", None)
+    return getattr(extension.compiled_module(), name, None)
+
+
+def mask_head_kernel(value: torch.Tensor, *tensors: torch.Tensor):
+    """``soit._C.mask_head_sample`` where it may run the mask head's sampling at every pixel
+    in one call (see :func:`_inference_kernel`); None otherwise: the caller composes the
+    layer from :func:`ms_deform_attn`."""
+    return _inference_kernel("mask_head_sample", value, tensors)
+
+
+def offsets_kernel(value: torch.Tensor, *tensors: torch.Tensor):
+    """``soit._C.ms_deform_attn_forward_offsets`` (the forward from reference points and
+    offsets in pixels, the locations formed inside the kernel) where it may run (see
+    :func:`_inference_kernel`); None otherwise."""
+    return _inference_kernel("ms_deform_attn_forward_offsets", value, tensors)

@@ -5,7 +5,8 @@ import math
 import torch
 from torch import nn
 
-from .dispatch import ms_deform_attn
+from ..cpu_inference import apply_linear
+from .dispatch import ms_deform_attn, offsets_kernel
 
 __all__ = ["MSDeformAttn"]
 
@@ -65,13 +66,20 @@ class MSDeformAttn(nn.Module):
         """
         N, Lq, _ = query.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
-        v = self.value_proj(value)
+        v = apply_linear(self.value_proj, value)
         if value_padding_mask is not None:
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
         v = v.view(N, v.shape[1], M, self.embed_dim // M)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        offsets = apply_linear(self.sampling_offsets, query).view(N, Lq, M, L, P, 2)
+        weights = apply_linear(self.attention_weights, query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
+            fused = offsets_kernel(v, offsets, weights, reference_points)
+            if fused is not None:  # CPU inference: the same locations, formed inside the kernel
+                out = fused(
+                    v.contiguous(), spatial_shapes, level_start_index, reference_points.contiguous(),
+                    offsets.contiguous(), weights.contiguous(),
+                )  # fmt: skip
+                return apply_linear(self.output_proj, out)
             # offsets are in pixels of each level: normalise by (W_l, H_l)
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
@@ -85,5 +93,5 @@ class MSDeformAttn(nn.Module):
                 f"reference_points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}"
             )
         out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
-        return self.output_proj(out)
+        return apply_linear(self.output_proj, out)
 
