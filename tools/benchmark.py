@@ -281,6 +281,69 @@ def interleaved_latency(runners, device, warmup, runs):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+SOIT_STAGES = ("backbone", "neck", "encoder", "decoder", "mask_encoder", "mask_head", "postprocess")
+
+
+def soit_stage_times(runner, device, runs):
+    """Mean seconds per stage of ``runs`` batch-1 SOIT calls, from forward hooks on the neck,
+    the encoder, the decoder, the mask encoder and the mask head. The backbone's time is taken
+    from the model's entry to the neck (input normalisation included) so that no hook sits on
+    the backbone itself (a hooked backbone runs its own forward: see folded_resnet)."""
+    model = runner.model
+    parts = {
+        "neck": model.neck,
+        "encoder": model.transformer.encoder,
+        "decoder": model.transformer.decoder,
+        "mask_encoder": model.mask_encoder,
+        "mask_head": model.mask_head,
+    }
+    totals = dict.fromkeys(SOIT_STAGES, 0.0)
+    start = {}
+
+    def now():
+        sync(device)
+        return time.perf_counter()
+
+    def begin(name):
+        return lambda *_: start.__setitem__(name, now())
+
+    def end(name):
+        return lambda *_: totals.__setitem__(name, totals[name] + now() - start[name])
+
+    handles = [model.register_forward_pre_hook(begin("model"))]
+    def backbone_done(*_):
+        totals["backbone"] += now() - start["model"]
+
+    handles.append(model.neck.register_forward_pre_hook(backbone_done))
+    for name, module in parts.items():
+        handles += [module.register_forward_pre_hook(begin(name)), module.register_forward_hook(end(name))]
+    postprocess = model.postprocess
+
+    def timed_postprocess(*a, **k):
+        t = now()
+        out = postprocess(*a, **k)
+        totals["postprocess"] += now() - t
+        return out
+
+    model.postprocess = timed_postprocess
+    try:
+        runner.infer(1)
+        totals = dict.fromkeys(SOIT_STAGES, 0.0)
+        total = 0.0
+        for _ in range(runs):
+            t = now()
+            runner.infer(1)
+            total += now() - t
+    finally:
+        del model.postprocess
+        for h in handles:
+            h.remove()
+    out = {k: v / runs for k, v in totals.items()}
+    out["other"] = total / runs - sum(out.values())
+    out["total"] = total / runs
+    return out
+
+
 def measure(runner, device, args):
     """Throughput, inference memory and training figures of one runner (latency: see
     :func:`interleaved_latency`)."""
@@ -344,6 +407,10 @@ def main(argv=None):
         "--train-precisions", nargs="*", default=None, help="fp32 fp16 bf16 (default: all on a GPU, fp32 on the CPU; none: skip)"
     )
     parser.add_argument("--rcnn-candidates", type=int, default=2000, help="(class, box) pairs Mask R-CNN keeps per image")
+    parser.add_argument(
+        "--stages", type=int, default=0, metavar="N",
+        help="also the SOIT rows' time per stage (mean of N calls after 1, forward hooks); 0: skip",
+    )  # fmt: skip
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -383,9 +450,6 @@ def main(argv=None):
     rows = []
     for runner in runners:
         rows.append({"latency_ms": 1e3 * latency[runner.name], **measure(runner, device, args)})
-    del runners, runner
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
@@ -409,9 +473,19 @@ def main(argv=None):
         if soit is not None and r is not soit:
             ratio = r["latency_ms"] / soit["latency_ms"]
             print(f"SOIT latency vs {r['model']}: {ratio:.2f}x ({'faster' if ratio > 1 else 'slower'})")
+    stage_rows = {
+        r.name: soit_stage_times(r, device, args.stages) for r in runners if args.stages and r.name.startswith("soit")
+    }
+    if stage_rows:
+        print(f"\nSOIT stage times (s, mean of {args.stages} calls):")
+        print("| stage | " + " | ".join(stage_rows) + " |")
+        print("|---|" + "---:|" * len(stage_rows))
+        for stage in (*SOIT_STAGES, "other", "total"):
+            print(f"| {stage} | " + " | ".join(f"{t[stage]:.3f}" for t in stage_rows.values()) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "size": [h, w], "rows": rows}, f, indent=2)
+            result = {"device": name, "torch": torch.__version__, "size": [h, w], "rows": rows, "stages": stage_rows}
+            json.dump(result, f, indent=2)
     return 0
 
 

@@ -133,7 +133,11 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, per_item));
   at::parallel_for(0, d.N * d.Lq, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
-    Corners<acc_t> c;
+    // one (query, head)'s points: every point's corners are found (and their pixels
+    // prefetched) before the first is read, so that the memory accesses overlap
+    std::vector<Corners<acc_t>> pts(static_cast<size_t>(L * P));
+    std::vector<acc_t> pw(static_cast<size_t>(L * P));
+    std::vector<const scalar_t*> pv(static_cast<size_t>(L * P));
     Bilinear<acc_t> s;
     for (int64_t nq = begin; nq < end; ++nq) {
       const int64_t n = nq / d.Lq;
@@ -142,8 +146,8 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
         const int64_t item = nq * M + m;
         const coord_t* lp = loc + item * L * P * 2;
         const coord_t* wp = attw + item * L * P;
-        std::fill(acc.begin(), acc.end(), static_cast<acc_t>(0));
         const scalar_t* vhead = value + (b * d.S * M + m) * D;
+        int64_t found = 0;
         for (int64_t l = 0; l < L; ++l) {
           const scalar_t* vl = vhead + lv.start[l] * MD;
           const coord_t* rp = ref ? ref + (nq * L + l) * 2 : nullptr;
@@ -156,10 +160,22 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
               x = rp[0] + x / Wl;
               y = rp[1] + y / Hl;
             }
-            if (corners<acc_t>(static_cast<acc_t>(x), static_cast<acc_t>(y), lv.H[l], lv.W[l], aw, MD, c, s))
-              gather_corners(vl, c, aw, D, acc.data());
+            Corners<acc_t>& c = pts[static_cast<size_t>(found)];
+            if (corners<acc_t>(static_cast<acc_t>(x), static_cast<acc_t>(y), lv.H[l], lv.W[l], aw, MD, c, s)) {
+              for (int k = 0; k < c.count; ++k) {  // the head's D channels: one or two cache lines
+                __builtin_prefetch(vl + c.off[k]);
+                __builtin_prefetch(vl + c.off[k] + D - 1);
+              }
+              pw[static_cast<size_t>(found)] = aw;
+              pv[static_cast<size_t>(found)] = vl;
+              ++found;
+            }
           }
         }
+        std::fill(acc.begin(), acc.end(), static_cast<acc_t>(0));
+        for (int64_t t = 0; t < found; ++t)
+          gather_corners(pv[static_cast<size_t>(t)], pts[static_cast<size_t>(t)], pw[static_cast<size_t>(t)], D,
+                         acc.data());
         scalar_t* op = out + item * D;
         for (int64_t i = 0; i < D; ++i) op[i] = static_cast<scalar_t>(acc[i]);
       }
@@ -178,7 +194,10 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
   for (int64_t n = 0; n < d.N; ++n) groups[static_cast<size_t>(vindex ? vindex[n] : n)].push_back(n);
   at::parallel_for(0, d.B * M, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> go(static_cast<size_t>(D));
-    Corners<acc_t> c;
+    // as in the forward: one (query, head)'s corners first, their pixels prefetched, then read
+    std::vector<Corners<acc_t>> pts(static_cast<size_t>(L * P));
+    std::vector<Bilinear<acc_t>> setups(static_cast<size_t>(L * P));
+    std::vector<char> valid(static_cast<size_t>(L * P));
     Bilinear<acc_t> s;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / M, m = task % M;
@@ -196,11 +215,28 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
           for (int64_t l = 0; l < L; ++l) {
             const int64_t lvl = lv.start[l] * MD;
             for (int64_t p = 0; p < P; ++p) {
+              const size_t t = static_cast<size_t>(l * P + p);
+              Corners<acc_t>& c = pts[t];
+              valid[t] = corners<acc_t>(static_cast<acc_t>(lp[2 * t]), static_cast<acc_t>(lp[2 * t + 1]), lv.H[l],
+                                        lv.W[l], static_cast<acc_t>(wp[t]), MD, c, setups[t]);
+              if (!valid[t]) continue;
+              for (int k = 0; k < c.count; ++k) {
+                __builtin_prefetch(vhead + lvl + c.off[k]);
+                __builtin_prefetch(vhead + lvl + c.off[k] + D - 1);
+                __builtin_prefetch(gvhead + lvl + c.off[k], 1);
+                __builtin_prefetch(gvhead + lvl + c.off[k] + D - 1, 1);
+              }
+            }
+          }
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t lvl = lv.start[l] * MD;
+            for (int64_t p = 0; p < P; ++p) {
               const int64_t t = l * P + p;
               const acc_t aw = static_cast<acc_t>(wp[t]);
               acc_t g_aw = 0, g_h = 0, g_w = 0;
-              if (corners<acc_t>(static_cast<acc_t>(lp[2 * t]), static_cast<acc_t>(lp[2 * t + 1]), lv.H[l], lv.W[l],
-                                 aw, MD, c, s)) {
+              if (valid[static_cast<size_t>(t)]) {
+                const Corners<acc_t>& c = pts[static_cast<size_t>(t)];
+                s = setups[static_cast<size_t>(t)];
                 acc_t dot[4];
                 scatter_corners(vhead + lvl, gvhead + lvl, c, go.data(), D, dot);
                 acc_t dh[4], dw[4];
