@@ -133,11 +133,15 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, per_item));
   at::parallel_for(0, d.N * d.Lq, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(D));
-    // one (query, head)'s points: every point's corners are found (and their pixels
-    // prefetched) before the first is read, so that the memory accesses overlap
+    // one (query, head)'s points: with a head's channels spanning a cache line or more, every
+    // point's corners are found (and their pixels prefetched) before the first is read, so that
+    // the memory accesses overlap; narrower heads (the mask head's 2 channels) read each point at
+    // once. The points are summed in the same order either way.
+    const bool staged = D * static_cast<int64_t>(sizeof(scalar_t)) >= 64;
     std::vector<Corners<acc_t>> pts(static_cast<size_t>(L * P));
     std::vector<acc_t> pw(static_cast<size_t>(L * P));
     std::vector<const scalar_t*> pv(static_cast<size_t>(L * P));
+    Corners<acc_t> c;
     Bilinear<acc_t> s;
     for (int64_t nq = begin; nq < end; ++nq) {
       const int64_t n = nq / d.Lq;
@@ -147,6 +151,7 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
         const coord_t* lp = loc + item * L * P * 2;
         const coord_t* wp = attw + item * L * P;
         const scalar_t* vhead = value + (b * d.S * M + m) * D;
+        std::fill(acc.begin(), acc.end(), static_cast<acc_t>(0));
         int64_t found = 0;
         for (int64_t l = 0; l < L; ++l) {
           const scalar_t* vl = vhead + lv.start[l] * MD;
@@ -160,11 +165,16 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
               x = rp[0] + x / Wl;
               y = rp[1] + y / Hl;
             }
-            Corners<acc_t>& c = pts[static_cast<size_t>(found)];
-            if (corners<acc_t>(static_cast<acc_t>(x), static_cast<acc_t>(y), lv.H[l], lv.W[l], aw, MD, c, s)) {
-              for (int k = 0; k < c.count; ++k) {  // the head's D channels: one or two cache lines
-                __builtin_prefetch(vl + c.off[k]);
-                __builtin_prefetch(vl + c.off[k] + D - 1);
+            if (!staged) {
+              if (corners<acc_t>(static_cast<acc_t>(x), static_cast<acc_t>(y), lv.H[l], lv.W[l], aw, MD, c, s))
+                gather_corners(vl, c, aw, D, acc.data());
+              continue;
+            }
+            Corners<acc_t>& cs = pts[static_cast<size_t>(found)];
+            if (corners<acc_t>(static_cast<acc_t>(x), static_cast<acc_t>(y), lv.H[l], lv.W[l], aw, MD, cs, s)) {
+              for (int k = 0; k < cs.count; ++k) {  // the head's D channels: one or two cache lines
+                __builtin_prefetch(vl + cs.off[k]);
+                __builtin_prefetch(vl + cs.off[k] + D - 1);
               }
               pw[static_cast<size_t>(found)] = aw;
               pv[static_cast<size_t>(found)] = vl;
@@ -172,7 +182,6 @@ void forward_impl(const scalar_t* value, const coord_t* loc, const coord_t* attw
             }
           }
         }
-        std::fill(acc.begin(), acc.end(), static_cast<acc_t>(0));
         for (int64_t t = 0; t < found; ++t)
           gather_corners(pv[static_cast<size_t>(t)], pts[static_cast<size_t>(t)], pw[static_cast<size_t>(t)], D,
                          acc.data());
@@ -194,7 +203,9 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
   for (int64_t n = 0; n < d.N; ++n) groups[static_cast<size_t>(vindex ? vindex[n] : n)].push_back(n);
   at::parallel_for(0, d.B * M, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> go(static_cast<size_t>(D));
-    // as in the forward: one (query, head)'s corners first, their pixels prefetched, then read
+    // as in the forward: with wide heads one (query, head)'s corners first, their pixels
+    // prefetched, then read and written; narrow heads take each point at once
+    const bool staged = D * static_cast<int64_t>(sizeof(scalar_t)) >= 64;
     std::vector<Corners<acc_t>> pts(static_cast<size_t>(L * P));
     std::vector<Bilinear<acc_t>> setups(static_cast<size_t>(L * P));
     std::vector<char> valid(static_cast<size_t>(L * P));
@@ -212,7 +223,7 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
           const coord_t* wp = attw + item * L * P;
           coord_t* glp = grad_loc + item * L * P * 2;
           coord_t* gwp = grad_attw + item * L * P;
-          for (int64_t l = 0; l < L; ++l) {
+          for (int64_t l = 0; staged && l < L; ++l) {
             const int64_t lvl = lv.start[l] * MD;
             for (int64_t p = 0; p < P; ++p) {
               const size_t t = static_cast<size_t>(l * P + p);
@@ -234,9 +245,15 @@ void backward_impl(const scalar_t* value, const coord_t* loc, const coord_t* att
               const int64_t t = l * P + p;
               const acc_t aw = static_cast<acc_t>(wp[t]);
               acc_t g_aw = 0, g_h = 0, g_w = 0;
-              if (valid[static_cast<size_t>(t)]) {
-                const Corners<acc_t>& c = pts[static_cast<size_t>(t)];
+              Corners<acc_t>& c = pts[static_cast<size_t>(t)];
+              if (staged) {
                 s = setups[static_cast<size_t>(t)];
+              } else {
+                valid[static_cast<size_t>(t)] = corners<acc_t>(static_cast<acc_t>(lp[2 * t]),
+                                                               static_cast<acc_t>(lp[2 * t + 1]), lv.H[l], lv.W[l],
+                                                               aw, MD, c, s);
+              }
+              if (valid[static_cast<size_t>(t)]) {
                 acc_t dot[4];
                 scatter_corners(vhead + lvl, gvhead + lvl, c, go.data(), D, dot);
                 acc_t dh[4], dw[4];
