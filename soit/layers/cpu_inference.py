@@ -36,7 +36,9 @@ _ONEDNN_LINEAR = {"usable": None}
 @contextlib.contextmanager
 def plain_inference(enabled: bool = True):
     """Within this context (in this thread) CPU inference takes the plain PyTorch
-    formulation everywhere: ``F.linear`` and the backbone's own forward."""
+    formulation everywhere: ``F.linear``, the backbone's own forward, and the attention's
+    locations and the mask head's sampling composed from tensors (no fused ``soit._C``
+    entries; the attention op itself still follows its routing rule)."""
     previous = getattr(_LOCAL, "plain", False)
     _LOCAL.plain = enabled
     try:
@@ -50,7 +52,8 @@ def plain_inference_active() -> bool:
     return getattr(_LOCAL, "plain", False)
 
 
-def _compiler_flag(name: str) -> bool:
+def compiler_flag(name: str) -> bool:
+    """``torch.compiler.<name>()`` (``is_compiling``, ``is_exporting``), False where absent."""
     flag = getattr(getattr(torch, "compiler", None), name, None)
     return bool(flag is not None and flag())
 
@@ -65,7 +68,7 @@ def fast_cpu_inference(x: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    if torch.onnx.is_in_onnx_export() or _compiler_flag("is_compiling") or _compiler_flag("is_exporting"):
+    if torch.onnx.is_in_onnx_export() or compiler_flag("is_compiling") or compiler_flag("is_exporting"):
         return False
     return True
 

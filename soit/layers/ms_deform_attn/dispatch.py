@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..cpu_inference import plain_inference_active
+from ..cpu_inference import compiler_flag, plain_inference_active
 from . import extension
 from .op import ms_deform_attn_compiled
 from .pytorch import ms_deform_attn_pytorch_any
@@ -47,11 +47,6 @@ def force_pytorch(enabled: bool = True):
         _LOCAL.force_pytorch = previous
 
 
-def _compiler_flag(name: str) -> bool:
-    flag = getattr(getattr(torch, "compiler", None), name, None)
-    return bool(flag is not None and flag())
-
-
 def route(value: torch.Tensor, impl: str) -> str:
     """Which implementation a call takes: "kernel" (soit._C directly), "op" (the registered
     ``soit::ms_deform_attn``, recorded by tracing / torch.compile) or "pytorch"."""
@@ -69,9 +64,9 @@ def route(value: torch.Tensor, impl: str) -> str:
     if getattr(_LOCAL, "force_pytorch", False) or torch.jit.is_scripting():
         return "pytorch"
     # ONNX and torch.export graphs hold standard operators only (grid_sample)
-    if torch.onnx.is_in_onnx_export() or _compiler_flag("is_exporting"):
+    if torch.onnx.is_in_onnx_export() or compiler_flag("is_exporting"):
         return "pytorch"
-    if torch.jit.is_tracing() or _compiler_flag("is_compiling"):
+    if torch.jit.is_tracing() or compiler_flag("is_compiling"):
         return "op"
     return "kernel" if extension.kernel_serves(value) else "pytorch"
 
