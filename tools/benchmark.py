@@ -10,17 +10,18 @@ Models (random weights; the counts of work match trained models, see below):
                   the same model with its deformable attention on the PyTorch (grid_sample)
                   path, as under force_pytorch() or without soit._C; not in the default list
     soit_plain    the same model under soit.layers.cpu_inference.plain_inference(): linear
-                  layers as F.linear, the backbone's own forward with separate batch norms
-                  (the faster CPU inference formulations off); not in the default list
+                  layers as F.linear, the backbone's own forward with separate batch norms,
+                  the attention's locations and the mask head's sampling composed (the faster
+                  CPU inference formulations off); not in the default list
     mask_rcnn     detectron2's model-zoo Mask R-CNN R50-FPN (common/models/mask_rcnn_fpn.py)
     deformable    Hugging Face transformers' Deformable DETR, R-50, two-stage + box refinement
                   (only where transformers is installed; its row says so otherwise)
 
-Measured: inference latency at batch 1 (median of --runs calls after --warmup, the models taking turns, CUDA-synced,
-post-processing to the original size included), throughput at --throughput-batch images per
-call, peak GPU memory of inference; one training iteration at --train-batch images (forward,
-backward, AdamW step) per precision (fp32, fp16 with GradScaler, bf16 autocast) with its
-peak memory.
+Measured: inference latency at batch 1 (median of --runs calls after --warmup, the models'
+calls taking turns, CUDA-synced, post-processing to the original size included), throughput
+at --throughput-batch images per call, peak GPU memory of inference; one training iteration
+at --train-batch images (forward, backward, AdamW step) per precision (fp32, fp16 with
+GradScaler, bf16 autocast) with its peak memory; with --stages, SOIT's time per stage.
 
 Random weights need care to give fair figures: the backbones' FrozenBN layers start at
 identity statistics, under which a deep random ResNet overflows; their statistics are set
@@ -172,7 +173,7 @@ class PyTorchAttentionRunner(Detectron2Runner):
 
 class PlainInferenceRunner(Detectron2Runner):
     """A SOIT runner whose inference runs under plain_inference() (F.linear everywhere, the
-    backbone's batch norms as separate passes)."""
+    backbone's batch norms as separate passes, no fused soit._C entries)."""
 
     def infer(self, batch):
         from soit.layers.cpu_inference import plain_inference

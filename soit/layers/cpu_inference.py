@@ -1,8 +1,7 @@
 """Faster CPU inference that keeps the results up to float rounding.
 
 Without gradients on the CPU (``torch.no_grad`` / ``torch.inference_mode``, eager, not
-tracing or exporting), two parts of the model take a faster formulation of the same
-arithmetic:
+tracing or exporting), parts of the model take a faster formulation of the same arithmetic:
 
 * linear layers run as one oneDNN call with the bias (and a following ReLU) applied on the
   way out (:func:`linear`). ATen's CPU ``addmm`` first copies the broadcast bias into the
@@ -11,10 +10,13 @@ arithmetic:
 * ResNet backbones run with every frozen batch norm folded into its convolution's weights
   and in channels-last layout (``soit.modeling.backbone.folded_resnet``): no separate
   normalisation pass, and oneDNN's convolutions without layout reorders.
+* the deformable attention's sampling locations and the mask head's sampling are formed
+  inside ``soit._C`` (``soit.layers.ms_deform_attn.dispatch``: ``offsets_kernel``,
+  ``mask_head_kernel``).
 
 Figures: docs/benchmarks.md, "CPU inference without separate bias, ReLU and batch-norm
-passes". ``plain_inference()`` turns both off in its thread (for comparisons and debugging);
-training, tracing, export and GPUs never take them.
+passes". ``plain_inference()`` turns them all off in its thread (for comparisons and
+debugging); training, tracing, export and GPUs never take them.
 """
 
 import contextlib
