@@ -20,6 +20,16 @@ def shared_file(*parts):
     return path
 
 
+class Touch:
+    """Unpickling this creates ``path``: the stand-in for arbitrary code in crafted files."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 @pytest.fixture(scope="session")
 def nuclei_wheel_cache(tmp_path_factory):
     """Where the stardist wheel holding the nuclei data is downloaded once per session."""

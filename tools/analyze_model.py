@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from soit.config import add_trust_arguments
+
 
 TASKS = ("parameter", "flop", "activation")
 
@@ -73,6 +75,7 @@ def main(argv=None):
     parser.add_argument("--tasks", nargs="+", default=["parameter"], help=f"any of {', '.join(TASKS)}")
     parser.add_argument("--input-size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("opts", nargs="*", help="config overrides key=value")
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file!r} does not exist")
@@ -85,14 +88,14 @@ def main(argv=None):
     import logging
 
     import torch
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    from soit.checkpoint.safe_load import load_config
+    from soit.config import load_config
 
     from soit.analysis import activation_count_analysis, flop_count_analysis
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)  # "never called" notes for the criterion
-    cfg = LazyConfig.apply_overrides(load_config(args.config_file), args.opts)
+    cfg = load_config(args.config_file, args.opts, trust_config=args.trust_config, trust_pickle=args.trust_pickle)
     model = instantiate(cfg.model).eval()
     if "parameter" in args.tasks:
         print_parameters(model)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from soit.config import add_trust_arguments
 
 
 def timed(fn, runs):
@@ -36,24 +37,26 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0: their default)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("opts", nargs="*", help="config overrides key=value")
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file!r} does not exist")
 
     import onnxruntime as ort
     import torch
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
     from soit import export
-    from soit.checkpoint.safe_load import SafeCheckpointer, load_config
+    from soit.checkpoint.safe_load import SafeCheckpointer
+    from soit.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = LazyConfig.apply_overrides(load_config(args.config_file), args.opts)
+    cfg = load_config(args.config_file, args.opts, trust_config=args.trust_config, trust_pickle=args.trust_pickle)
     model = instantiate(cfg.model).eval()
     weights = cfg.get("train", {}).get("init_checkpoint", "")
     if weights:
-        SafeCheckpointer(model, complete=True).load(weights)
+        SafeCheckpointer(model, trust_pickle=args.trust_pickle, complete=True).load(weights)
     h, w = args.input_size
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 

@@ -157,10 +157,9 @@ def seed_all(seed):
 
 def load_soit_config(row, seed=0):
     """A SOIT row's config; "{seed}" in an override is ``seed`` (train.init_checkpoint=models/x_seed{seed}.pth)."""
-    from soit.checkpoint.safe_load import load_config
-    from soit.engine.overrides import apply_overrides
+    from soit.config import load_config
 
-    return apply_overrides(load_config(row["config"]), [o.replace("{seed}", str(seed)) for o in row["overrides"]])
+    return load_config(row["config"], [o.replace("{seed}", str(seed)) for o in row["overrides"]])
 
 
 def soit_setup(row, num_classes, seed, evaluate_only=False):

@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-
 from soit.checkpoint import ConversionError, convert_checkpoint
+from soit.config import add_trust_arguments
 
 
 def main(argv=None):
@@ -23,15 +23,7 @@ def main(argv=None):
     parser.add_argument(
         "--config-file", default=None, help="model config to check against (default: configs/models/soit_r50.py)"
     )
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="read the input with full unpickling (needed when it holds more than tensors; trusted files only)",
-    )
-    parser.add_argument(
-        "--trust-config", action="store_true",
-        help="read a YAML --config-file without refusing Python tags and unknown _target_ callables (trusted files only)",
-    )
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     if os.path.exists(args.output) and not args.overwrite:
         print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)

@@ -95,12 +95,12 @@ def synthetic_batch(height, width, objects, seed):
 def measure(config, overrides, size, objects, seed):
     """The loss phase's peak growth (MiB) and seconds, and the number of masks it predicts."""
     import torch
-    from detectron2.config import LazyConfig, instantiate
+    from detectron2.config import instantiate
 
-    from soit.engine.overrides import apply_overrides
+    from soit.config import load_config
 
     torch.manual_seed(seed)
-    cfg = apply_overrides(LazyConfig.load(config), overrides)
+    cfg = load_config(config, overrides)
     if cfg.model.get("num_classes", 80) < 80:
         cfg.model.num_classes = 80  # the synthetic objects take COCO's 80 classes
     model = instantiate(cfg.model).train()

@@ -345,13 +345,21 @@ def _default_config_file():
     return get_config_file("models/soit_r50.py")
 
 
-def model_config_for(arch: dict, config_file: str | None = None, trust_config: bool = False):
-    """The LazyConfig model of ``config_file`` (default: configs/models/soit_r50.py) with
-    the values that :func:`infer_architecture` found. A YAML ``config_file`` is read safely
-    unless ``trust_config`` (see :func:`soit.checkpoint.safe_load.load_config`)."""
-    from .safe_load import load_config
+def model_config_for(arch: dict, config_file=None, trust_config: bool = False):
+    """The LazyConfig model of ``config_file`` (default: configs/models/soit_r50.py; or a
+    config's ``model`` already loaded, copied) with the values that
+    :func:`infer_architecture` found. A YAML ``config_file`` is read safely unless
+    ``trust_config`` (see :func:`soit.config.load_config`)."""
+    import copy
 
-    cfg = load_config(config_file or _default_config_file(), trust_config).model
+    from omegaconf import DictConfig
+
+    from ..config import load_config
+
+    if isinstance(config_file, DictConfig):
+        cfg = copy.deepcopy(config_file)
+    else:
+        cfg = load_config(config_file or _default_config_file(), trust_config=trust_config).model
     cfg.backbone.stages.depth = arch["depth"]
     if arch["depth"] < 50:
         cfg.backbone.stages.pop("stride_in_1x1", None)  # BasicBlock has a single stride
@@ -378,7 +386,7 @@ def model_config_for(arch: dict, config_file: str | None = None, trust_config: b
     return cfg
 
 
-def build_reference_model(arch: dict, config_file: str | None = None, trust_config: bool = False):
+def build_reference_model(arch: dict, config_file=None, trust_config: bool = False):
     """Our model for the architecture of an official checkpoint (for shape checks)."""
     from detectron2.config import instantiate
 
@@ -432,10 +440,15 @@ def convert_checkpoint(
     """
     if os.path.exists(out_path) and not overwrite:
         raise FileExistsError(f"{out_path} exists (pass overwrite=True / --overwrite to replace it)")
+    base = None
+    if model is None:  # a config that cannot be read is reported before the checkpoint is read
+        from ..config import load_config
+
+        base = load_config(config_file or _default_config_file(), trust_config=trust_config).model
     official, meta = load_official_checkpoint(in_path, trust_pickle=trust_pickle)
     arch = infer_architecture(official)
     if model is None:
-        model = build_reference_model(arch, config_file, trust_config)
+        model = build_reference_model(arch, base)
     stats: dict = {}
     state = convert_official_state_dict(official, reference=model.state_dict(), stats=stats)
     out = {"model": state, "__author__": AUTHOR, "matching_heuristics": False}

@@ -1,18 +1,13 @@
-"""Reading user files without running code: checkpoints and YAML configs.
+"""Reading checkpoints without running code.
 
-A pickle can call any Python function while it is read, and a YAML file read with
-``yaml.unsafe_load`` (what detectron2's ``LazyConfig.load`` does) can too. Run folders are
-shared with their ``config.yaml`` and checkpoints, so every entry point of this project
-reads them with the functions below:
+A pickle can call any Python function while it is read. Run folders are shared with their
+checkpoints, so every entry point of this project reads them with the functions below
+(configs: :func:`soit.config.load_config`):
 
 * checkpoints (``.pth``, ``.pkl``, ``.pyth``, any extension): ``torch.load(weights_only=True)``
   or, for detectron2/Caffe2 ``.pkl`` files, an unpickler that admits only plain containers,
   numbers, strings and numpy arrays. ``trust_pickle=True`` (``--trust-pickle`` on the command
-  lines) reads a file the user trusts with full unpickling;
-* YAML configs: ``yaml.safe_load`` (no Python tags) and ``_target_`` entries limited to the
-  model, data, evaluation and optimisation callables that configs of this project use.
-  ``trust_config=True`` (``--trust-config``) lifts both limits. Python (``.py``) configs are
-  programs: they run, as with detectron2.
+  lines) reads a file the user trusts with full unpickling.
 """
 import io
 import logging
@@ -28,7 +23,6 @@ __all__ = [
     "UnsafeFileError",
     "SafeCheckpointer",
     "load_checkpoint_file",
-    "load_config",
     "restricted_pickle_load",
     "torch_load_checked",
 ]
@@ -45,17 +39,6 @@ _PICKLE_GLOBALS = {
     *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
     *((m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")),
 }
-
-# callables a YAML config may name as ``_target_`` without --trust-config (module prefixes)
-_CONFIG_TARGETS = (
-    "soit.modeling.", "soit.data.", "soit.solver.", "soit.layers.",
-    "detectron2.data.", "detectron2.modeling.", "detectron2.evaluation.", "detectron2.solver.",
-    "detectron2.layers.", "fvcore.common.param_scheduler.", "torch.optim.", "torch.nn.",
-    "torchvision.", "timm.",
-)  # fmt: skip
-# ... except callables whose name has one of these words: they read files themselves
-_CONFIG_TARGETS_REFUSED = {"load", "loads", "checkpoint", "pretrained", "hub", "exec", "eval", "system"}
-
 
 class UnsafeFileError(ValueError):
     """A user file would need code execution to be read."""
@@ -89,10 +72,11 @@ def _trust_hint(path, reason):
     )
 
 
-def torch_load_checked(path, trust_pickle=False):
-    """``torch.load`` that runs no code unless ``trust_pickle`` and names ``path`` in every error."""
+def torch_load_checked(path, trust_pickle=False, mmap=False):
+    """``torch.load`` that runs no code unless ``trust_pickle`` and names ``path`` in every error
+    (``mmap``: map the tensors' storage instead of reading it, for a quick look)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from e
     except Exception as e:
@@ -204,54 +188,3 @@ def _check_complete(model, incompatible, path):
             f"parameters), e.g. {', '.join(missing[:3])}: it is not a checkpoint of this model and config. "
             "Evaluating or exporting with those weights at random would give meaningless results."
         )
-
-
-def _check_targets(node, path, where="config"):
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None:
-            if not isinstance(target, str):
-                raise UnsafeFileError(f"{path}: {where}._target_ is a {type(target).__name__}, expected a dotted name")
-            words = set(target.rsplit(".", 1)[-1].lower().split("_"))
-            allowed = target.startswith(_CONFIG_TARGETS) and not words & _CONFIG_TARGETS_REFUSED
-            if not allowed:
-                raise UnsafeFileError(
-                    f"{path}: {where}._target_ is {target!r}, which is not one of the model, data, evaluation or "
-                    f"optimisation callables a YAML config may name ({', '.join(p.rstrip('.') for p in _CONFIG_TARGETS)}); "
-                    "instantiating it could run code. If you trust the file, pass --trust-config (trust_config=True)."
-                )
-        for key, value in node.items():
-            _check_targets(value, path, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _check_targets(value, path, f"{where}[{i}]")
-
-
-def load_config(path, trust_config=False):
-    """``LazyConfig.load(path)`` that cannot run code from a YAML file unless ``trust_config``.
-
-    A YAML config is first read with ``yaml.safe_load``: Python tags (``!!python/...``) are
-    refused, and so is a ``_target_`` outside the callables configs of this project use.
-    ``.py`` configs are programs and run as with detectron2."""
-    from detectron2.config import LazyConfig
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path.endswith((".yaml", ".yml")) and not trust_config:
-        import yaml
-
-        with open(path) as f:
-            try:
-                plain = yaml.safe_load(f)
-            except yaml.constructor.ConstructorError as e:
-                raise UnsafeFileError(
-                    f"{path}: the YAML config holds a Python object tag ({e.problem}, {e.problem_mark}); reading it "
-                    "could run code. If you trust the file, pass --trust-config (trust_config=True)."
-                ) from e
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path} is not a valid YAML config: {e}") from e
-        if not isinstance(plain, dict):
-            raise ValueError(f"{path}: a YAML config holds a mapping, this one a {type(plain).__name__}")
-        _check_targets(plain, path)
-    return LazyConfig.load(path)

@@ -14,7 +14,8 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint.safe_load import SafeCheckpointer, load_config
+from ..checkpoint.safe_load import SafeCheckpointer
+from ..config import load_config
 from ..data.metadata import dataset_metadata
 from .overrides import apply_overrides
 
@@ -53,25 +54,25 @@ class Predictor:
         """
         Args:
             config: path of a LazyConfig (.py or .yaml), or a config already loaded with
-                ``LazyConfig.load`` (copied, never changed).
+                :func:`soit.config.load_config` (copied, never changed).
             checkpoint: weights to load; default ``cfg.train.init_checkpoint``. Without
                 either the model keeps its random initialisation (a warning says so).
             device: where the model runs; outputs are always returned on the CPU.
             overrides: ``key=value`` strings, as on the command line of ``train_net.py``.
             trust_pickle: read the checkpoint with full unpickling (it can run code: trusted
                 files only); by default only weights and plain values are read.
-            trust_config: read a YAML config without refusing Python tags and unknown
-                ``_target_`` callables (trusted files only).
+            trust_config: read a YAML config without refusing Python tags, resolvers and
+                ``_target_`` callables outside the allow-list (trusted files only; see
+                :func:`soit.config.load_config`).
         """
         if isinstance(config, (str, os.PathLike)):
             if not os.path.isfile(config):
                 raise FileNotFoundError(f"config file {str(config)!r} does not exist")
-            cfg = load_config(str(config), trust_config=trust_config)
+            self.cfg = load_config(str(config), overrides, trust_config=trust_config, trust_pickle=trust_pickle)
         elif isinstance(config, DictConfig):
-            cfg = copy.deepcopy(config)
+            self.cfg = apply_overrides(copy.deepcopy(config), list(overrides))
         else:
             raise TypeError(f"config must be a path or an omegaconf DictConfig, got {type(config).__name__}")
-        self.cfg = apply_overrides(cfg, list(overrides))
 
         path = str(checkpoint) if checkpoint else OmegaConf.select(self.cfg, "train.init_checkpoint", default=None)
         if path:  # before building the model: a wrong path fails at once

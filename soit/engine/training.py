@@ -17,12 +17,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
 
-from ..checkpoint.safe_load import SafeCheckpointer, load_config
+from ..checkpoint.safe_load import SafeCheckpointer, torch_load_checked
+from ..config import add_trust_arguments, load_config
 from ..data.check import check_registered_dataset
 from ..data.metadata import dataset_metadata, register_coco_once
 from ..data.samplers import ResumableTrainingSampler
 from .hooks import ModelEMA, RNGState
-from .overrides import apply_overrides
 from .trainer import SOITTrainer
 
 __all__ = [
@@ -99,7 +99,7 @@ def resume_iteration(path):
     """The iteration after the one saved in ``path``; a damaged file is named with the others
     in its folder that --resume could use instead."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = torch_load_checked(path, mmap=True)
     except Exception as e:
         folder = os.path.dirname(path)
         others = sorted(f for f in os.listdir(folder) if f.endswith(".pth") and f != os.path.basename(path))
@@ -194,7 +194,10 @@ def setup_soit_logger(output_dir):
 
 def main(args):
     register_datasets(getattr(args, "register_coco", []))
-    cfg = apply_overrides(load_config(args.config_file, getattr(args, "trust_config", False)), args.opts)
+    cfg = load_config(
+        args.config_file, args.opts,
+        trust_config=getattr(args, "trust_config", False), trust_pickle=getattr(args, "trust_pickle", False),
+    )  # fmt: skip
     if not args.eval_only:  # before default_setup writes config.yaml into the run folder
         check_output_dir(cfg, args.resume)
     default_setup(cfg, args)
@@ -222,16 +225,9 @@ def main(args):
 def argument_parser():
     """detectron2's parser with the opt-ins for user files that can run code."""
     parser = default_argument_parser()
-    parser.add_argument(
-        "--trust-pickle", action="store_true",
-        help="read checkpoints with full unpickling (runs any code the file holds: trusted files only)",
-    )
+    add_trust_arguments(parser)
     parser.add_argument(
         "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset under NAME before the config is read (repeatable)",
     )
-    parser.add_argument(
-        "--trust-config", action="store_true",
-        help="read a YAML config without refusing Python tags and unknown _target_ callables (trusted files only)",
-    )  # fmt: skip
     return parser

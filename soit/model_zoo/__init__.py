@@ -42,6 +42,6 @@ def get_config_file(config_path: str) -> str:
 def get_config(config_path: str):
     """The LazyConfig of ``config_path`` (see :func:`get_config_file`). Configs are Python
     files of this package: they run when loaded, as with detectron2."""
-    from detectron2.config import LazyConfig
+    from ..config import load_config
 
-    return LazyConfig.load(get_config_file(config_path))
+    return load_config(get_config_file(config_path))

@@ -5,28 +5,20 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, dataset_overrides, load_tool, save_random_quickstart_weights
+from conftest import REPO, Touch, dataset_overrides, load_tool, save_random_quickstart_weights
 from detectron2.config import LazyConfig, instantiate
 
 from soit.engine import training as train_net
-from soit.checkpoint.safe_load import SafeCheckpointer, UnsafeFileError, load_checkpoint_file, load_config
+from soit.checkpoint.safe_load import SafeCheckpointer, UnsafeFileError, load_checkpoint_file
+from soit.config import load_config
 from soit.engine import Predictor
+from soit.modeling import SOIT
 
 demo = load_tool("demo")
 export_model = load_tool("deploy/export_model")
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 FAST = ["model.max_detections=5"]
-
-
-class _Touch:
-    """Unpickling this creates ``path``: the stand-in for arbitrary code."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +34,9 @@ def crafted(tmp_path, state):
     files = {"marker": marker}
     files["pkl"] = tmp_path / "evil.pkl"
     with open(files["pkl"], "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": _Touch(marker)}, f)
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": Touch(marker)}, f)
     files["pth"] = tmp_path / "evil.pth"
-    torch.save({"model": state, "extra": _Touch(marker)}, files["pth"])
+    torch.save({"model": state, "extra": Touch(marker)}, files["pth"])
     files["yaml_tag"] = tmp_path / "tag.yaml"
     files["yaml_tag"].write_text(f"model: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
     files["yaml_target"] = tmp_path / "target.yaml"
@@ -165,5 +157,5 @@ def test_a_saved_run_config_loads_as_before(tmp_path):
     path = str(tmp_path / "config.yaml")
     LazyConfig.save(cfg, path)
     loaded = load_config(path)
-    assert loaded.model._target_ == "soit.modeling.SOIT"
+    assert loaded.model._target_ is SOIT  # the checked callable itself, as in the .py config
     assert instantiate(loaded.model).state_dict().keys() == instantiate(cfg.model).state_dict().keys()

@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from soit.config import add_trust_arguments
+
 
 logger = logging.getLogger("soit.export")
 
@@ -38,12 +40,7 @@ def build_parser():
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing exported files")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the export with eager mode")
-    parser.add_argument(
-        "--trust-pickle", action="store_true", help="read the checkpoint with full unpickling (trusted files only)"
-    )
-    parser.add_argument(
-        "--trust-config", action="store_true", help="read a YAML config that names Python objects (trusted files only)"
-    )
+    add_trust_arguments(parser)
     parser.add_argument("opts", nargs="*", default=[], help="config overrides key=value")
     return parser
 
@@ -99,12 +96,12 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     from soit import export
-    from soit.checkpoint.safe_load import SafeCheckpointer, load_config
-    from soit.engine.overrides import apply_overrides
+    from soit.checkpoint.safe_load import SafeCheckpointer
+    from soit.config import load_config
 
     setup_logger(name="soit")
     setup_logger(name="fvcore")
-    cfg = apply_overrides(load_config(args.config_file, args.trust_config), args.opts)
+    cfg = load_config(args.config_file, args.opts, trust_config=args.trust_config, trust_pickle=args.trust_pickle)
     model = instantiate(cfg.model).to(args.device).eval()
     weights = cfg.get("train", {}).get("init_checkpoint", "")
     if weights:
