@@ -4,7 +4,12 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, load_tool, save_random_quickstart_weights
+from detectron2.structures import Instances
+from PIL import Image
+
+from soit.data.dataset_mapper import read_image_8bit
 
 
 demo = load_tool("demo")
@@ -130,3 +135,53 @@ def test_overrides_after_input_are_split_off():
     parser = demo.get_parser()
     args = demo.parse_args(parser, ["--config-file", "c.py", "--input", "a.png", "model.max_detections=5", "x=1"])
     assert args.input == ["a.png"] and args.opts == ["model.max_detections=5", "x=1"]
+
+
+class RecordingPredictor:
+    """Stands in for ``soit.engine.Predictor``: keeps each image and format it is given, detects nothing."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, image, format="BGR"):
+        self.calls.append((image, format))
+        return Instances(image.shape[:2], scores=torch.zeros(0))
+
+
+def _rgb(h=24, w=40):
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _16bit(path):  # values spread over the whole 16-bit range
+    cv2.imwrite(path, np.linspace(0, 65535, 24 * 40).reshape(24, 40).astype(np.uint16))
+
+
+def _palette(path):
+    Image.fromarray(_rgb()).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(path)
+
+
+def _cmyk(path):
+    Image.fromarray(_rgb()).convert("CMYK").save(path)
+
+
+def _exif_rotated(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 24 wide, 40 high
+    Image.fromarray(_rgb()).save(path, exif=exif)
+
+
+@pytest.mark.parametrize(
+    "name, write", [("16bit.png", _16bit), ("palette.png", _palette), ("cmyk.jpg", _cmyk), ("exif6.jpg", _exif_rotated)]
+)
+def test_images_reach_the_model_as_the_training_mapper_reads_them(tmp_path, name, write):
+    path = str(tmp_path / name)
+    write(path)
+    predictor = RecordingPredictor()
+    assert demo.run_images(predictor, [(path, True)], [None], 0.5) == 1
+    [(image, fmt)] = predictor.calls
+    assert fmt == "BGR" and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, read_image_8bit(path, format="BGR"))
+    if name == "16bit.png":  # the full range scaled to 8 bits, not clipped to white
+        assert image.min() == 0 and image.max() == 255 and len(np.unique(image)) > 200
+    if name == "exif6.jpg":
+        assert image.shape == (40, 24, 3)

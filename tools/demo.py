@@ -7,9 +7,11 @@
         --weights output/quickstart/model_final.pth --video-input cells.mp4 --output cells_drawn.mp4
     python tools/demo.py --config-file ... --input a.jpg model.max_detections=50   # overrides last
 
-``--input`` takes files, folders (their images, sorted) and glob patterns. Without
-``--output`` only a summary per image is printed: no window is ever opened, so the demo
-runs headless. Existing output files are kept unless ``--overwrite`` is given.
+``--input`` takes files, folders (their images, sorted) and glob patterns, read as training
+reads them (EXIF orientation applied; 16-bit images scaled from the full 16-bit range, see
+``soit.data.dataset_mapper.read_image_8bit``). Without ``--output`` only a summary per
+image is printed: no window is ever opened, so the demo runs headless. Existing output
+files are kept unless ``--overwrite`` is given.
 """
 import argparse
 import glob
@@ -19,6 +21,7 @@ import re
 import sys
 import time
 
+from soit.config import add_trust_arguments
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_FALLBACK_FPS = 10.0
@@ -39,12 +42,7 @@ def get_parser():
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="draw/count scores >= this")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--trust-pickle", action="store_true", help="read the checkpoint with full unpickling (trusted files only)"
-    )
-    parser.add_argument(
-        "--trust-config", action="store_true", help="read a YAML config that names Python objects (trusted files only)"
-    )
+    add_trust_arguments(parser)
     parser.add_argument("opts", nargs="*", help="config overrides key=value, after all other arguments")
     return parser
 
@@ -131,13 +129,15 @@ def draw(image_bgr, instances, metadata):
 def run_images(predictor, paths, outputs, threshold):
     """Predict, count and (where an output is given) draw each image; returns the number done."""
     import cv2
-    from detectron2.data.detection_utils import read_image
     from tqdm import tqdm
+
+    from soit.data.dataset_mapper import read_image_8bit
 
     done = 0
     for (path, explicit), out in zip(tqdm(paths, disable=len(paths) < 2, unit="img"), outputs):
         try:
-            image = read_image(path, format="BGR")
+            # the reader of training and evaluation: the model sees a 16-bit image scaled as it learnt it
+            image = read_image_8bit(path, format="BGR")
         except Exception as e:
             if explicit:
                 raise SystemExit(f"cannot read image {path!r}: {e}") from e
