@@ -24,6 +24,7 @@ __all__ = [
     "encoder_tokens",
     "min_image_side",
     "read_coco_json",
+    "rle_problem",
 ]
 
 # feature strides of the encoder's levels (C3-C5 and one extra level)
@@ -124,7 +125,7 @@ def _rle_string_counts(counts):
     return x
 
 
-def _check_rle(segm, height, width):
+def rle_problem(segm, height, width):
     """What is wrong with a COCO RLE dict, or None. Run lengths that do not sum to h*w make
     pycocotools decode uninitialised memory or, in COCO evaluation, loop forever."""
     if "counts" not in segm or "size" not in segm:
@@ -171,7 +172,7 @@ def _check_segmentation(segm, height, width):
                 return f"polygon {i} has {len(poly) // 2} points (at least 3 needed)"
         return None
     if isinstance(segm, dict):
-        return _check_rle(segm, height, width)
+        return rle_problem(segm, height, width)
     return f"segmentation is a {type(segm).__name__}, expected polygons or RLE"
 
 

@@ -25,6 +25,8 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_every_n_seconds
 from PIL import Image, ImageOps
 
+from .check import rle_problem
+
 __all__ = ["SOITDatasetMapper", "read_image_8bit", "decode_segmentation", "mask_to_box", "patch_map_dataset_fallback"]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ CROWD = "crowd"
 DEGENERATE_BOX = "degenerate_box"
 EMPTY_MASK = "empty_mask"
 MASK_SIZE_MISMATCH = "mask_size_mismatch"
+INVALID_RLE = "invalid_rle"
 LOST_IN_AUGMENTATION = "lost_in_augmentation"
 _EXPECTED_DROPS = frozenset({CROWD, LOST_IN_AUGMENTATION})
 
@@ -138,7 +141,9 @@ def decode_segmentation(segm, height: int, width: int) -> Tuple[Optional[np.ndar
 
     Returns:
         ``(mask, None)`` with an (H, W) uint8 mask, or ``(None, reason)`` when it is missing,
-        empty, invalid (polygons with fewer than 3 points) or of another size.
+        empty, invalid (polygons with fewer than 3 points; RLE run lengths that do not sum
+        to height x width, which pycocotools would decode from memory it never wrote) or of
+        another size.
     """
     if segm is None:
         return None, EMPTY_MASK
@@ -152,6 +157,8 @@ def decode_segmentation(segm, height: int, width: int) -> Tuple[Optional[np.ndar
     elif isinstance(segm, dict):
         if tuple(int(s) for s in segm.get("size", ())) != (height, width):
             return None, MASK_SIZE_MISMATCH
+        if rle_problem(segm, height, width):  # pycocotools would decode memory it never wrote
+            return None, INVALID_RLE
         if isinstance(segm["counts"], list):
             rle = mask_util.frPyObjects(segm, height, width)
         else:

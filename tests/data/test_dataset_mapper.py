@@ -341,3 +341,16 @@ def test_eval_mode_keeps_original_size_and_needs_no_annotations(bad_dataset):
     assert out["image"].shape == (3, 80, 120) and (out["height"], out["width"]) == (40, 60)
     assert "instances" not in out and "annotations" not in out
     assert "annotations" not in mapper(dicts["rgb"])
+
+
+def test_rles_whose_runs_do_not_cover_the_image_are_dropped_not_decoded():
+    """pycocotools decodes a short RLE from memory it never wrote: a silently wrong mask."""
+    from soit.data.dataset_mapper import INVALID_RLE, decode_segmentation
+
+    good = mask_util.encode(np.asfortranarray(np.pad(np.ones((3, 4), np.uint8), ((2, 1), (3, 2)))))
+    mask, reason = decode_segmentation({"size": [6, 9], "counts": good["counts"].decode()}, 6, 9)
+    assert reason is None and mask.sum() == 12
+    short = {"size": [6, 9], "counts": [20, 12]}  # covers 32 of 54 pixels
+    assert decode_segmentation(short, 6, 9) == (None, INVALID_RLE)
+    longer = mask_util.encode(np.asfortranarray(np.ones((7, 9), np.uint8)))  # 63 pixels in a 6x9 RLE
+    assert decode_segmentation({"size": [6, 9], "counts": longer["counts"]}, 6, 9) == (None, INVALID_RLE)
