@@ -76,6 +76,7 @@ train.device = "cpu"
 train.init_checkpoint = ""  # from scratch: no ImageNet weights are needed
 train.max_iter = 700  # 1400 scored lower (9.9 segm AP): DETR-style training on 3 tiles is noisy
 train.checkpointer.period = 100
+train.checkpointer.max_to_keep = 2  # and model_final.pth: 142 MB each, a resumed run needs only the last
 train.eval_period = 0  # evaluated once at the end by tools/quickstart.py
 train.log_period = 10
 train.best_metric = ""

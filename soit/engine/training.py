@@ -6,7 +6,10 @@ run before any of it (datasets, class counts, run folders, user files).
 """
 import json
 import logging
+import math
+import numbers
 import os
+import re
 
 import torch
 from detectron2.config import instantiate
@@ -22,6 +25,7 @@ from ..config import add_trust_arguments, load_config
 from ..data.check import check_registered_dataset
 from ..data.metadata import dataset_metadata, register_coco_once
 from ..data.samplers import ResumableTrainingSampler
+from ..modeling.object_scale import measure_training_scale
 from .hooks import ModelEMA, RNGState
 from .trainer import SOITTrainer
 
@@ -34,6 +38,8 @@ __all__ = [
     "check_dataset",
     "check_output_dir",
     "resume_iteration",
+    "periodic_checkpointer",
+    "write_json",
 ]
 
 logger = logging.getLogger("soit")
@@ -46,9 +52,25 @@ def do_test(cfg, model):
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
-        with open(os.path.join(cfg.train.output_dir, "eval_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(os.path.join(cfg.train.output_dir, "eval_results.json"), results)
     return results
+
+
+def write_json(path, data):
+    """``data`` (dicts, lists, numbers) as strict JSON: an undefined metric (NaN, such as COCO's
+    ``APl`` without large objects) or an infinite one is written as ``null``."""
+
+    def finite(value):
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+            return float(value) if math.isfinite(value) else None
+        return value
+
+    with open(path, "w") as f:
+        json.dump(finite(data), f, indent=2, allow_nan=False)
 
 
 def build_train_loader(cfg, start_iter):
@@ -156,7 +178,7 @@ def do_train(args, cfg):
             hooks.BestCheckpointer(cfg.train.eval_period, checkpointer, cfg.train.best_metric, "max")
             if comm.is_main_process() and cfg.train.best_metric and "evaluator" in cfg.dataloader
             else None,
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            periodic_checkpointer(cfg, checkpointer, start_iter) if comm.is_main_process() else None,
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
             if comm.is_main_process()
             else None,
@@ -165,9 +187,47 @@ def do_train(args, cfg):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         start_iter = trainer.iter + 1
+    else:  # what this training shows the model; a resumed run read it from its checkpoint
+        record_training_scale(cfg, [getattr(model, "module", model), ema.shadow if ema is not None else None])
     trainer.train(start_iter, cfg.train.max_iter)
     trainer.checkpointer = checkpointer  # what was saved, for callers that inspect the run
     return trainer
+
+
+def record_training_scale(cfg, models):
+    """Measure the object sizes and input size the training mapper produces
+    (``soit.modeling.object_scale``) and give them to ``models``: inference chooses its
+    magnification and tile size from them, and every checkpoint saves them."""
+    models = [m for m in models if m is not None and hasattr(m, "set_training_scale")]
+    if not models:
+        return None
+    loader = cfg.dataloader.train
+    scale = measure_training_scale(
+        instantiate(loader.mapper), instantiate(loader.dataset), num_samples=cfg.train.get("scale_samples", 200),
+        seed=max(cfg.train.get("seed", -1), 0),
+    )  # fmt: skip
+    if scale is None:
+        logger.warning("no object in the training samples measured: the model will not know its training object sizes")
+        return None
+    logger.info(f"training inputs: {scale.describe()}")
+    for m in models:
+        m.set_training_scale(scale, "the training set")
+    return scale
+
+
+def periodic_checkpointer(cfg, checkpointer, start_iter=0):
+    """detectron2's ``PeriodicCheckpointer`` hook with ``cfg.train.checkpointer`` (``period``,
+    ``max_to_keep``: the number of periodic checkpoints kept, all when absent; ``model_final.pth``
+    and ``model_best.pth`` are always kept). detectron2 counts only the files of its own
+    process: a run resumed at ``start_iter`` also counts the newest ``max_to_keep`` its earlier
+    part wrote, so resuming does not keep them for ever."""
+    hook = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+    if hook.max_to_keep and start_iter > 0:
+        name = re.compile(rf"{re.escape(hook.file_prefix)}_(\d{{7}})\.pth")
+        found = sorted((int(m[1]), m[0]) for m in map(name.fullmatch, os.listdir(checkpointer.save_dir)) if m)
+        earlier = [f for i, f in found if i < start_iter and (i + 1) % hook.period == 0]
+        hook.recent_checkpoints = [os.path.join(checkpointer.save_dir, f) for f in earlier[-hook.max_to_keep :]]
+    return hook
 
 
 def register_datasets(specs):

@@ -151,9 +151,10 @@ def test_quickstart_overwrite_removes_only_what_it_wrote(tmp_path):
     (previous / "vis").mkdir(parents=True)
     for name in (quickstart.MARKER, "metrics.json", "model_final.pth", "last_checkpoint", "vis/a_pred.png"):
         (previous / name).write_text("x")
+    quickstart.record_run(str(previous), before=set())  # the run's list of what it wrote
     (previous / "notes.txt").write_text("added by the user")
     assert quickstart.clear_previous_run(str(previous), overwrite=False).endswith("(or --output-dir DIR).")
-    assert len(checksums(previous)) == 6
+    assert len(checksums(previous)) == 7
     assert quickstart.clear_previous_run(str(previous), overwrite=True) is None
     assert sorted(os.listdir(previous)) == ["notes.txt"]
 

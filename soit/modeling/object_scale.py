@@ -1,0 +1,184 @@
+"""What inference needs to know about the training inputs: the objects' size and the input size.
+
+A detector learns objects of the sizes its training inputs show; SOIT also learns positions
+as fractions of its input (docs/scale.md). So inference needs two facts about training,
+both measured at the network input, after the training augmentation:
+
+* the distribution of object sizes (the side of a square of the box's area, in input
+  pixels), which :mod:`soit.modeling.auto_scale` matches at test time;
+* the input size when every training input had one size (a fixed crop), which decides the
+  tile size of inference; ``None`` when sizes varied (whole images, multi-scale resizing).
+
+:func:`measure_training_scale` runs the training mapper over a sample of the training set
+when training starts; the result is saved in every checkpoint (``"training_scale"``) and
+restored with the weights. A user may set it instead (``model.training_scale``).
+"""
+import copy
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["TrainingScale", "measure_training_scale", "SizeEstimate", "estimate_object_size"]
+
+logger = logging.getLogger(__name__)
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass(frozen=True)
+class TrainingScale:
+    """Object sizes and input size of the training inputs.
+
+    Attributes:
+        object_sizes: the 5/25/50/75/95 % quantiles of the objects' size (square root of the
+            box area) in network-input pixels, increasing.
+        input_size: (height, width) shared by every training input, or None.
+        num_objects: how many objects were measured (0 when set by hand).
+    """
+
+    object_sizes: Tuple[float, ...]
+    input_size: Optional[Tuple[int, int]] = None
+    num_objects: int = 0
+
+    def __post_init__(self):
+        sizes = tuple(float(s) for s in self.object_sizes)
+        if len(sizes) != len(QUANTILES) or any(not math.isfinite(s) or s <= 0 for s in sizes):
+            raise ValueError(
+                f"training_scale.object_sizes must be {len(QUANTILES)} positive sizes in pixels (the "
+                f"{', '.join(f'{q:.0%}' for q in QUANTILES)} quantiles), got {list(self.object_sizes)}"
+            )
+        if list(sizes) != sorted(sizes):
+            raise ValueError(f"training_scale.object_sizes must increase (quantiles), got {list(sizes)}")
+        object.__setattr__(self, "object_sizes", sizes)
+        if self.input_size is not None:
+            size = tuple(int(s) for s in self.input_size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"training_scale.input_size must be (height, width) or None, got {self.input_size}")
+            object.__setattr__(self, "input_size", size)
+
+    @property
+    def median(self) -> float:
+        return self.object_sizes[2]
+
+    @property
+    def log_half_spread(self) -> float:
+        """Half the interquartile range of the log sizes: how far from the median, in log
+        size, half of the training objects lie."""
+        return 0.5 * math.log(self.object_sizes[3] / self.object_sizes[1])
+
+    def to_dict(self) -> Dict:
+        return {
+            "object_sizes": list(self.object_sizes),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "num_objects": int(self.num_objects),
+        }
+
+    @classmethod
+    def from_dict(cls, d) -> "TrainingScale":
+        if isinstance(d, TrainingScale):
+            return d
+        try:
+            d = dict(d)
+        except (TypeError, ValueError):
+            raise ValueError(f"training_scale must be a dict with object_sizes and input_size, got {d!r}") from None
+        unknown = set(d) - {"object_sizes", "input_size", "num_objects"}
+        if unknown or "object_sizes" not in d:
+            raise ValueError(
+                f"training_scale must be a dict with object_sizes (and input_size, num_objects), got keys {sorted(d)}"
+            )
+        return cls(tuple(d["object_sizes"]), d.get("input_size"), int(d.get("num_objects") or 0))
+
+    def describe(self) -> str:
+        sizes = "/".join(f"{s:.0f}" for s in self.object_sizes)
+        crop = f"{self.input_size[0]}x{self.input_size[1]} inputs" if self.input_size else "inputs of varying size"
+        return f"objects of {sizes} px (5/25/50/75/95 %, {self.num_objects} measured), {crop}"
+
+
+def _box_sizes(instances) -> torch.Tensor:
+    boxes = instances.gt_boxes.tensor if hasattr(instances, "gt_boxes") else instances.pred_boxes.tensor
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    return (wh[:, 0] * wh[:, 1]).sqrt()
+
+
+def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: int = 200, seed: int = 0):
+    """The :class:`TrainingScale` of what ``mapper`` makes of ``dataset_dicts``.
+
+    ``num_samples`` dicts are drawn (with replacement, so random crops of a small set are
+    sampled several times) and mapped as in training; the global random states are restored
+    afterwards, so training draws the same augmentations as without the measurement.
+    Returns None when no sample holds an object.
+    """
+    if not dataset_dicts:
+        return None
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        picks = np.random.randint(0, len(dataset_dicts), size=num_samples)
+        sizes, shapes = [], set()
+        for i in picks:
+            mapped = mapper(copy.deepcopy(dataset_dicts[i]))
+            if mapped is None:
+                continue
+            shapes.add(tuple(int(s) for s in mapped["image"].shape[-2:]))
+            if "instances" in mapped and len(mapped["instances"]):
+                sizes.append(_box_sizes(mapped["instances"]))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+    sizes = torch.cat(sizes) if sizes else torch.zeros(0)
+    sizes = sizes[sizes > 0]
+    if sizes.numel() == 0:
+        return None
+    quantiles = torch.quantile(sizes.double(), torch.tensor(QUANTILES, dtype=torch.float64))
+    return TrainingScale(tuple(quantiles.tolist()), shapes.pop() if len(shapes) == 1 else None, int(sizes.numel()))
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """The objects' size at one look: median and half interquartile range of the log sizes
+    (network-input pixels), and how many detections they rest on."""
+
+    log_median: float
+    log_half_spread: float
+    count: int
+
+
+def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> float:
+    order = values.argsort()
+    cum = weights[order].cumsum(0)
+    idx = int(torch.searchsorted(cum, q * cum[-1]).clamp(max=values.numel() - 1))
+    return float(values[order][idx])
+
+
+def estimate_object_size(instances, factor: float, min_score: float = 0.2, relative: float = 0.5):
+    """The size of the objects found in one look, or None when nothing is found.
+
+    Args:
+        instances: the detections of an image predicted at ``factor`` times its size, boxes
+            in the image's own coordinates.
+        factor: the magnification of that look (sizes are scaled by it to network pixels).
+        min_score: a look whose best score is below this found nothing.
+        relative: detections scoring at least this fraction of the best score are measured,
+            each weighted by its score. A fraction of the best, not a number of detections,
+            so that the estimate does not depend on how many objects the image holds.
+    """
+    scores = instances.scores.detach().float().cpu()
+    if scores.numel() == 0 or float(scores.max()) < min_score:
+        return None
+    keep = scores >= relative * scores.max()
+    sizes = _box_sizes(instances)[keep].detach().float().cpu() * factor
+    weights = scores[keep]
+    ok = sizes > 0
+    if not ok.any():
+        return None
+    logs, weights = sizes[ok].log(), weights[ok]
+    q25, q50, q75 = (_weighted_quantile(logs, weights, q) for q in (0.25, 0.5, 0.75))
+    return SizeEstimate(q50, 0.5 * (q75 - q25), int(ok.sum()))
