@@ -15,4 +15,7 @@ train = dict(
     clip_grad_norm=0.1,  # full-model gradient clipping (official recipe)
     best_metric="segm/AP",  # keep model_best.pth by this metric ("" to disable)
     model_ema=dict(enabled=False, decay=0.9998),
+    # training samples mapped when training starts to record the inputs' object sizes and input
+    # size, which inference reads back from the checkpoint (docs/scale.md)
+    scale_samples=200,
 )

@@ -35,16 +35,14 @@ model.transformer.num_queries = 100  # up to ~40 nuclei per tile
 model.max_detections = 100
 model.transformer.dropout = 0.0  # a short run on little data: dropout only slows convergence
 model.mask_encoder.dropout = 0.0
-# Trained on 256 x 256 crops, SOIT predicts the 512 x 512 tile as overlapping 256 x 256 tiles:
-# its positions are fractions of the input, so other input sizes put the objects at the wrong
-# normalised scale (docs/scale.md). tile_size=0 predicts the tile in one pass.
-model.tile_size = 256
+# Inference takes what it needs from training (recorded when training starts, saved in the
+# checkpoint; docs/scale.md): the 256 x 256 training crops make it predict larger images as
+# overlapping 256 x 256 tiles (positions are fractions of the input), and the training nuclei's
+# sizes make it predict each image at the magnification that gives its nuclei those sizes,
+# estimated from a first look at half size. model.tile_size=0 / model.auto_scale=False turn
+# either off.
 model.tile_overlap = 64  # >= the largest nucleus (~60 px), so each is whole in some tile
-# Test-time scale search: each image is also predicted at half and twice its size, and the
-# magnification the model is most confident at is kept, so that nuclei larger or smaller than
-# the training ones are still found (docs/scale.md, "Scale search"). It costs 5.25x the
-# inference compute; model.test_scales=[] predicts at the given size only.
-model.test_scales = [0.5, 1.0, 2.0]
+model.auto_scale = True
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(

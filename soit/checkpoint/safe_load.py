@@ -151,6 +151,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.trust_pickle = trust_pickle
         self.complete = complete
         self._path = None
+        target = getattr(model, "module", model)
+        if hasattr(target, "set_training_scale") and "training_scale" not in self.checkpointables:
+            # what the model was trained on travels with its weights (soit.modeling.object_scale)
+            self.checkpointables["training_scale"] = _TrainingScaleEntry(target, self)
 
     def _load_file(self, filename):
         self._path = filename
@@ -161,6 +165,22 @@ class SafeCheckpointer(DetectionCheckpointer):
         if self.complete and incompatible is not None:
             _check_complete(self.model, incompatible, self._path)
         return incompatible
+
+
+class _TrainingScaleEntry:
+    """The checkpoint entry "training_scale": the model's record of its training inputs, as
+    plain numbers (read back with weights-only loading)."""
+
+    def __init__(self, model, checkpointer):
+        self.model, self.checkpointer = model, checkpointer
+
+    def state_dict(self):
+        scale = self.model.training_scale
+        return scale.to_dict() if scale is not None else {}
+
+    def load_state_dict(self, state):
+        if state:
+            self.model.set_training_scale(state, f"checkpoint {self.checkpointer._path}")
 
 
 class IncompleteCheckpointError(ValueError):

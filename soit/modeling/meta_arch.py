@@ -11,10 +11,12 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from ..layers.position_encoding import inverse_sigmoid, valid_extent
+from .auto_scale import auto_scale_predict, check_first_look
 from .backbone.folded_resnet import maybe_folded_forward
 from .box_ops import apply_box_delta, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import matched_queries, sample_mask_points
 from .mask_head import aligned_bilinear
+from .object_scale import TrainingScale
 from .scale_search import check_test_scales, rescale_input, select_scale
 from .tiling import TileDetections, paste_masks, tiled_predict
 from .transformer import TooFewTokensError
@@ -78,12 +80,15 @@ class SOIT(nn.Module):
         mask_threshold: float = 0.5,
         mask_stride: int = 8,
         inference_padding: str = "crop",
-        tile_size: int = 0,
+        tile_size: Optional[int] = None,
         tile_overlap: int = 64,
         tile_batch_size: int = 4,
         tile_merge_threshold: float = 0.5,
         test_scales: Sequence[float] = (),
         test_scale_top_k: int = 10,
+        auto_scale: bool = False,
+        scale_first_look: float = 0.5,
+        training_scale: Optional[dict] = None,
         reference_size: int = 0,
         reference_parts: Sequence[str] = REFERENCE_PARTS,
         denoising: Optional[nn.Module] = None,
@@ -114,11 +119,15 @@ class SOIT(nn.Module):
             inference_padding: "crop" (default) crops each image's padding from the mask map
                 before resizing; "official" resizes the padded map like the official release,
                 which stretches the masks of images smaller than their batch.
-            tile_size: 0 (default) predicts each image in one pass. > 0: inference cuts
-                images larger than this (pixels of the network input) into overlapping
+            tile_size: None (default): the training input size decides: a model trained on
+                inputs of one size (fixed crops) tiles at that size, one trained on inputs of
+                varying size (whole images, the paper) predicts in one pass; a model that does
+                not know its training inputs predicts in one pass. 0: one pass. > 0: inference
+                cuts images larger than this (pixels of the network input) into overlapping
                 tiles of this size, predicts them in batches and merges the instances
-                (``soit.modeling.tiling``; for models trained on crops of this size and
-                applied to larger images). Training and export are never tiled.
+                (``soit.modeling.tiling``); a size other than the training one is logged.
+                An image smaller than a tile is predicted in a tile-sized canvas of its mean
+                colour. Training and export are never tiled.
             tile_overlap: minimal overlap of neighbouring tiles in pixels; at least the
                 largest object's size, so that every object is whole in some tile.
             tile_batch_size: tiles per forward pass.
@@ -133,6 +142,18 @@ class SOIT(nn.Module):
                 (``soit.modeling.scale_search``, ``docs/scale.md``); it costs the sum of
                 the squared factors in compute. Training and export are never affected.
             test_scale_top_k: how many of a factor's highest scores its confidence averages.
+            auto_scale: False (default, the paper): images are predicted at their own size.
+                True: each image is predicted at the magnification that gives its objects
+                the size the model was trained on, estimated from a first look at
+                ``scale_first_look`` times its size (``soit.modeling.auto_scale``,
+                ``docs/scale.md``); needs ``training_scale`` (recorded by training). The
+                factor chosen is returned with each image's detections (``"scale"``).
+                ``test_scales``, when set, is used instead.
+            scale_first_look: magnification of the first look, in (0, 1].
+            training_scale: the training inputs' object sizes and input size (a dict, see
+                ``soit.modeling.object_scale.TrainingScale``). None (default): recorded when
+                training starts and read back from checkpoints; set here it takes precedence
+                over a checkpoint's (a difference is logged).
             reference_size: 0 (default, the paper): the encodings, proposal sizes and box
                 deltas work in fractions of each image's size. > 0 (pixels): they work in
                 units of this size instead (each image's valid size / reference_size
@@ -167,9 +188,9 @@ class SOIT(nn.Module):
         self.mask_threshold = mask_threshold
         self.mask_stride = mask_stride
         self.inference_padding = inference_padding
-        if tile_size < 0 or (tile_size and not 0 <= tile_overlap < tile_size):
+        if tile_size is not None and (tile_size < 0 or (tile_size and not 0 <= tile_overlap < tile_size)):
             raise ValueError(
-                f"tile_size must be >= 0 and tile_overlap in [0, tile_size), got tile_size={tile_size}, "
+                f"tile_size must be None, 0 or positive and tile_overlap in [0, tile_size), got tile_size={tile_size}, "
                 f"tile_overlap={tile_overlap}"
             )
         self.tile_size = tile_size
@@ -178,6 +199,10 @@ class SOIT(nn.Module):
         self.tile_merge_threshold = tile_merge_threshold
         self.test_scales = check_test_scales(test_scales, test_scale_top_k)
         self.test_scale_top_k = test_scale_top_k
+        self.auto_scale = bool(auto_scale)
+        self.scale_first_look = check_first_look(scale_first_look)
+        self.training_scale = TrainingScale.from_dict(training_scale) if training_scale is not None else None
+        self.training_scale_from_config = training_scale is not None
         unknown = sorted(set(reference_parts) - set(REFERENCE_PARTS))
         if reference_size < 0 or unknown:
             raise ValueError(
@@ -383,7 +408,12 @@ class SOIT(nn.Module):
         """
         if self.test_scales and do_postprocess and not torch.jit.is_tracing():
             return self.scale_search_inference(batched_inputs)
-        if self.tile_size and do_postprocess and not torch.jit.is_tracing():
+        if self.auto_scale and self.training_scale is not None and do_postprocess and not torch.jit.is_tracing():
+            return [
+                auto_scale_predict(x, self._predict_one, self.training_scale, self.scale_first_look)
+                for x in batched_inputs
+            ]
+        if self.inference_tile_size and do_postprocess and not torch.jit.is_tracing():
             return self.tiled_inference(batched_inputs)
         images, padding = self.preprocess_image(batched_inputs)
         outputs, mask_inputs = self._heads(batched_inputs, images, padding)
@@ -407,7 +437,7 @@ class SOIT(nn.Module):
             for factor in check_test_scales(self.test_scales, self.test_scale_top_k):
                 y = rescale_input(x, factor)
                 try:
-                    candidates.extend(self.tiled_inference([y]) if self.tile_size else self._untiled(y))
+                    candidates.extend(self.tiled_inference([y]) if self.inference_tile_size else self._untiled(y))
                 except TooFewTokensError as e:
                     error = e
                     logger.warning(f"test scale {factor:g} skipped: {e}")
@@ -421,16 +451,17 @@ class SOIT(nn.Module):
         """:meth:`inference` with ``tile_size`` set: each image larger than a tile is
         predicted tile by tile (see ``soit.modeling.tiling``); smaller ones in one pass."""
         processed = []
+        tile = self.inference_tile_size
         for x in batched_inputs:
             h, w = x["image"].shape[-2:]
-            if h <= self.tile_size and w <= self.tile_size:
-                processed.extend(self._untiled(x))
+            if h <= tile and w <= tile:
+                processed.extend(self._untiled(x) if (h, w) == (tile, tile) else self._in_canvas(x, tile))
                 continue
             merged = tiled_predict(
                 x["image"].to(self.device),
                 self._predict_tiles,
-                tile_size=self.tile_size,
-                overlap=self.tile_overlap,
+                tile_size=tile,
+                overlap=min(self.tile_overlap, tile // 2),
                 batch_size=self.tile_batch_size,
                 merge_threshold=self.tile_merge_threshold,
                 max_detections=self.max_detections,
@@ -445,6 +476,64 @@ class SOIT(nn.Module):
             inst.pred_masks = paste_masks(merged["masks"], (height, width))
             processed.append({"instances": inst})
         return processed
+
+    def _in_canvas(self, x: Dict, tile: int):
+        """An image smaller than a tile, predicted at the top left of a tile-sized canvas filled
+        with its mean colour: the model sees an input of the size it was trained on (its
+        positions are fractions of the input, docs/scale.md). Detections centred outside the
+        image are dropped, the others cropped to it."""
+        image = x["image"].to(self.device)
+        c, h, w = image.shape
+        canvas = image.float().mean(dim=(1, 2), keepdim=True).expand(c, tile, tile).to(image.dtype).clone()
+        canvas[:, :h, :w] = image
+        (det,) = self._predict_tiles(canvas[None])
+        centres = (det.boxes[:, :2] + det.boxes[:, 2:]) / 2
+        masks = det.masks[:, :h, :w]
+        keep = (centres[:, 0] < w) & (centres[:, 1] < h) & masks.flatten(1).any(1)
+        boxes = det.boxes[keep].clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=h)
+        height, width = x.get("height", h), x.get("width", w)
+        inst = Instances((height, width))
+        inst.pred_boxes = Boxes(boxes)
+        inst.pred_boxes.scale(width / w, height / h)
+        inst.scores = det.scores[keep]
+        inst.pred_classes = det.labels[keep]
+        inst.pred_masks = paste_masks(masks[keep], (height, width))
+        return [{"instances": inst}]
+
+    @property
+    def inference_tile_size(self) -> int:
+        """The tile size inference uses: ``tile_size`` when set, else the training input
+        size when every training input had one size, else 0 (one pass)."""
+        if self.tile_size is not None:
+            return self.tile_size
+        known = self.training_scale
+        return max(known.input_size) if known is not None and known.input_size else 0
+
+    def set_training_scale(self, scale, source: str):
+        """Record what the model was trained on (``source`` names where it comes from); a
+        ``training_scale`` set in the config is kept, and a difference logged, as is a
+        ``tile_size`` other than the training input size."""
+        scale = TrainingScale.from_dict(scale) if scale is not None else None
+        if self.training_scale_from_config:
+            if scale is not None and scale != self.training_scale:
+                logger.warning(
+                    f"model.training_scale from the config ({self.training_scale.describe()}) is used; "
+                    f"{source} says {scale.describe()}"
+                )
+            return
+        self.training_scale = scale
+        if scale is not None and scale.input_size and self.tile_size and self.tile_size != max(scale.input_size):
+            logger.warning(
+                f"model.tile_size={self.tile_size} but the model was trained on {scale.input_size[0]}x"
+                f"{scale.input_size[1]} inputs ({source}); tiles of the training size keep objects where the model "
+                "learnt them (unset tile_size to use it)"
+            )
+
+    def _predict_one(self, x: Dict):
+        """Instances of one input (tiled when inference tiles), in its output size."""
+        return (self.tiled_inference([x]) if self.inference_tile_size else self._untiled(x))[0]["instances"]
 
     def _untiled(self, x: Dict):
         images, padding = self.preprocess_image([x])

@@ -5,7 +5,8 @@ as fractions of its input (docs/scale.md). So inference needs two facts about tr
 both measured at the network input, after the training augmentation:
 
 * the distribution of object sizes (the side of a square of the box's area, in input
-  pixels), which :mod:`soit.modeling.auto_scale` matches at test time;
+  pixels; for an object the input's border cuts, its side the cut leaves whole), which
+  :mod:`soit.modeling.auto_scale` matches at test time;
 * the input size when every training input had one size (a fixed crop), which decides the
   tile size of inference; ``None`` when sizes varied (whole images, multi-scale resizing).
 
@@ -99,10 +100,22 @@ class TrainingScale:
         return f"objects of {sizes} px (5/25/50/75/95 %, {self.num_objects} measured), {crop}"
 
 
-def _box_sizes(instances) -> torch.Tensor:
+def _object_sizes(instances, margin: float = 1.0) -> torch.Tensor:
+    """(k,) the size of each object, NaN where it cannot be told. An object the image border
+    cuts (a training crop, the edge of a test image) shows only part of itself: cut on its
+    left or right its height is still whole and taken as its size, cut on its top or bottom
+    its width; cut on both (a corner) it is not measured. A whole object's size is the side
+    of the square of its box's area."""
     boxes = instances.gt_boxes.tensor if hasattr(instances, "gt_boxes") else instances.pred_boxes.tensor
+    boxes = boxes.detach().float().cpu()
+    h, w = instances.image_size
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
-    return (wh[:, 0] * wh[:, 1]).sqrt()
+    cut_x = (boxes[:, 0] <= margin) | (boxes[:, 2] >= w - margin)
+    cut_y = (boxes[:, 1] <= margin) | (boxes[:, 3] >= h - margin)
+    size = (wh[:, 0] * wh[:, 1]).sqrt()
+    size = torch.where(cut_x & ~cut_y, wh[:, 1], size)
+    size = torch.where(cut_y & ~cut_x, wh[:, 0], size)
+    return torch.where(cut_x & cut_y, torch.full_like(size, float("nan")), size)
 
 
 def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: int = 200, seed: int = 0):
@@ -128,13 +141,13 @@ def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: i
                 continue
             shapes.add(tuple(int(s) for s in mapped["image"].shape[-2:]))
             if "instances" in mapped and len(mapped["instances"]):
-                sizes.append(_box_sizes(mapped["instances"]))
+                sizes.append(_object_sizes(mapped["instances"]))
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
     sizes = torch.cat(sizes) if sizes else torch.zeros(0)
-    sizes = sizes[sizes > 0]
+    sizes = sizes[sizes > 0]  # NaN compares False
     if sizes.numel() == 0:
         return None
     quantiles = torch.quantile(sizes.double(), torch.tensor(QUANTILES, dtype=torch.float64))
@@ -174,9 +187,9 @@ def estimate_object_size(instances, factor: float, min_score: float = 0.2, relat
     if scores.numel() == 0 or float(scores.max()) < min_score:
         return None
     keep = scores >= relative * scores.max()
-    sizes = _box_sizes(instances)[keep].detach().float().cpu() * factor
+    sizes = _object_sizes(instances)[keep] * factor
     weights = scores[keep]
-    ok = sizes > 0
+    ok = sizes > 0  # NaN compares False
     if not ok.any():
         return None
     logs, weights = sizes[ok].log(), weights[ok]

@@ -160,25 +160,31 @@ def test_config_object_resize_and_random_weights_warning(image, log):
 
 
 def test_tiled_inference_through_an_override(weights, image):
-    # the quick-start config tiles at 256; the override makes tiles of 160 with 32 overlap
-    # (its scale search off: this test is about the tiles at the image's own size)
-    overrides = OVERRIDES + ["model.test_scales=[]"]
+    # the override makes tiles of 160 with 32 overlap (automatic magnification off: this test
+    # is about the tiles at the image's own size)
+    overrides = OVERRIDES + ["model.auto_scale=False"]
     tiled = Predictor(QUICKSTART, checkpoint=weights[0], overrides=overrides + ["model.tile_size=160", "model.tile_overlap=32"])
     assert (tiled.model.tile_size, tiled.model.tile_overlap) == (160, 32)
     instances = tiled(image)
     assert instances.image_size == image.shape[:2]
     assert instances.pred_masks.shape[1:] == image.shape[:2] and instances.pred_masks.dtype == torch.bool
     assert 0 < len(instances) <= 10
-    # one tile larger than the image: the one-pass result
-    one_pass = Predictor(QUICKSTART, checkpoint=weights[0], overrides=overrides + ["model.tile_size=0"])(image)
-    large = Predictor(QUICKSTART, checkpoint=weights[0], overrides=overrides + ["model.tile_size=512"])(image)
-    assert_same(one_pass, large)
+    # one tile larger than the image: the image is predicted in a tile-sized canvas, and its
+    # detections come back inside the image
+    large = Predictor(QUICKSTART, checkpoint=weights[0], overrides=overrides + ["model.tile_size=512"])
+    canvas = []
+    original = large.model._predict_tiles
+    large.model._predict_tiles = lambda tiles: canvas.append(tuple(tiles.shape[-2:])) or original(tiles)
+    instances = large(image)
+    assert canvas == [(512, 512)]
+    assert instances.image_size == image.shape[:2] and instances.pred_masks.shape[1:] == image.shape[:2]
+    assert (instances.pred_boxes.tensor[:, 2:] <= torch.tensor(image.shape[1::-1])).all()
 
 
 def test_scale_search_through_an_override(weights, image):
-    # the quick-start config searches [0.5, 1, 2]; a single factor predicts the image resized
-    # by it, and the instances still come back in the image's size
-    searched = Predictor(QUICKSTART, checkpoint=weights[0], overrides=OVERRIDES)
+    # a single factor predicts the image resized by it, and the instances still come back in
+    # the image's size; several factors search them
+    searched = Predictor(QUICKSTART, checkpoint=weights[0], overrides=OVERRIDES + ["model.test_scales=[0.5,1,2]"])
     assert searched.model.test_scales == (0.5, 1.0, 2.0)
     doubled = Predictor(QUICKSTART, checkpoint=weights[0], overrides=OVERRIDES + ["model.test_scales=[2]"])
     instances = doubled(image)

@@ -170,9 +170,9 @@ def test_an_image_too_small_for_the_queries_is_named_in_prediction_and_export(on
     predictor = Predictor(QUICKSTART, checkpoint=one_class_weights, overrides=["model.test_scales=[]"])
     with pytest.raises(TooFewTokensError, match=r"input 0 \(48x40\) too small for the model .*cannot give 100 proposals"):
         predictor(small)
-    # the quick start's scale search ([0.5, 1, 2]) skips, with a warning naming the image, the
-    # factors too small for the model and predicts at the one that fits (x2)
-    searching = Predictor(QUICKSTART, checkpoint=one_class_weights)
+    # the scale search ([0.5, 1, 2]) skips, with a warning naming the image, the factors too
+    # small for the model and predicts at the one that fits (x2)
+    searching = Predictor(QUICKSTART, checkpoint=one_class_weights, overrides=["model.test_scales=[0.5,1,2]"])
     with caplog.at_level(logging.WARNING, logger="soit.modeling.meta_arch"):
         instances = searching(small)
     assert instances.image_size == (40, 48)

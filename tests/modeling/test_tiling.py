@@ -135,17 +135,26 @@ def test_soit_tiled_inference_in_the_original_size(model):
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 400).all() and (boxes[:, 3] <= 256).all()
 
 
-def test_soit_tile_larger_than_the_image_is_the_untiled_result(model):
+def test_soit_image_smaller_than_a_tile_is_predicted_in_a_tile_sized_canvas(model):
+    """The model sees an input of the tile's size: the image at the top left of a canvas of its
+    mean colour; the detections centred in the image are kept, cropped to it."""
     image = _image()
+    h, w = image.shape[-2:]
+    canvas = image.float().mean(dim=(1, 2), keepdim=True).expand(3, 256, 256).to(image.dtype).clone()
+    canvas[:, :h, :w] = image
     with torch.no_grad():
-        (plain,) = model([{"image": image}])
+        (whole,) = model([{"image": canvas}])
         model.tile_size = 256
         try:
             (tiled,) = model([{"image": image}])
         finally:
             model.tile_size = 0
-    a, b = plain["instances"], tiled["instances"]
-    assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
+    whole, tiled = whole["instances"], tiled["instances"]
+    centres = whole.pred_boxes.get_centers()
+    inside = (centres[:, 0] < w) & (centres[:, 1] < h) & whole.pred_masks[:, :h, :w].flatten(1).any(1)
+    assert tiled.image_size == (h, w) and inside.sum() < len(whole)
+    assert torch.equal(tiled.scores, whole.scores[inside])
+    assert torch.equal(tiled.pred_masks, whole.pred_masks[inside][:, :h, :w])
 
 
 def test_export_traces_the_untiled_model(model, tmp_path):

@@ -1,0 +1,147 @@
+"""Automatic test-time magnification: predict each image at the magnification at which its
+objects have the size the model was trained on.
+
+The model records, when training starts, the distribution of its training objects' sizes at
+the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test time:
+
+1. **Look** at the image reduced to ``first_look`` (0.5: a quarter of the pixels) and
+   measure the size of the objects found there (score-weighted median of their box sizes,
+   over the detections scoring at least half the best one). Zoomed out is where the
+   estimate can be trusted: a model shown objects larger than it knows cuts each into
+   pieces of the size it knows (docs/scale.md), so the sizes it reports there say nothing;
+   shown smaller objects it finds fewer, but at their own size. Where the objects look less
+   than half the trained size (or nothing is found), look again at twice the magnification,
+   up to the image's own size.
+2. **Choose** the factor that brings the measured median to the trained median, continuously
+   (no grid). If that factor lies within the trained sizes' own spread of 1 (half their
+   interquartile range in log size, at least 10 %), the image is predicted at its own size:
+   its objects already have sizes the model knows.
+3. **Predict** at that factor (reusing a look made at about that factor), tiled at the
+   training input size when the model was trained on fixed-size inputs. Once, if the objects
+   found then still look more than twice the tolerance too small, refine.
+
+The estimate is a median of sizes, so it does not depend on how many objects the image
+holds, and on images at the training magnification it costs the first look (0.25 of a pass)
+on top of the one pass. Each image's chosen factor, the looks made and, when the choice
+is uncertain (few objects to measure, objects of very different sizes, a factor outside the
+range), a note are returned with its detections and the note is logged.
+"""
+import logging
+import math
+from typing import Callable, Dict
+
+from .object_scale import TrainingScale, estimate_object_size
+from .scale_search import rescale_input
+
+__all__ = ["auto_scale_predict", "check_first_look"]
+
+logger = logging.getLogger(__name__)
+
+MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
+
+
+def check_first_look(first_look) -> float:
+    value = float(first_look)
+    if not 0 < value <= 1:
+        raise ValueError(f"scale_first_look must be in (0, 1], got {first_look!r}")
+    return value
+
+
+def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale, first_look: float = 0.5) -> Dict:
+    """Detections of one model input at the magnification chosen as in the module docstring.
+
+    Args:
+        x: one model input (detectron2 format).
+        predict: ``predict(input) -> Instances`` in the input's "height" x "width" (the
+            original image's coordinates); may raise ``TooFewTokensError`` for an input too
+            small for the model, and that look is skipped.
+        training_scale: what the model was trained on.
+        first_look: the magnification of the first look, in (0, 1].
+
+    Returns:
+        ``{"instances": Instances, "scale": {"factor", "looks", "note"}}``: the factor the
+        detections were predicted at, every magnification looked at (each costs about its
+        square, in passes at the image's own size) and a note ("" when the choice is sure).
+        The factor is also each instance's ``scale_factor`` field (for the ``Predictor``,
+        which returns only ``Instances``).
+    """
+    from .transformer import TooFewTokensError
+
+    trained = math.log(training_scale.median)
+    tol = max(math.log(1.1), training_scale.log_half_spread)
+    name = x.get("file_name", "an image")
+    looks, notes = {}, []
+    # detections come back in the output size ("height" x "width"), which the test mapper may
+    # have resized the image from: sizes are measured in pixels of the network input
+    h, w = x["image"].shape[-2:]
+    per_output_pixel = math.sqrt(h * w / (x.get("height", h) * x.get("width", w)))
+
+    def look(factor):
+        try:
+            inst = predict(rescale_input(x, factor))
+        except TooFewTokensError as e:
+            logger.debug(f"{name}: no look at {factor:.3g}x ({e})")
+            inst = None
+        looks[factor] = inst
+        return inst
+
+    factor, estimate = first_look, None
+    while True:
+        inst = look(factor)
+        estimate = estimate_object_size(inst, factor * per_output_pixel) if inst is not None else None
+        if estimate is not None and estimate.log_median >= trained - math.log(2):
+            break
+        if inst is None and factor < MAX_FACTOR:  # too small for the model: magnify, past 1x if need be
+            factor = min(MAX_FACTOR, 2 * factor)
+        elif factor < 1:
+            factor = min(1.0, 2 * factor)
+        else:
+            break
+
+    if estimate is None:
+        target = max(1.0, max((f for f, inst in looks.items() if inst is not None), default=1.0))
+        notes.append(f"no confident detection at any look: predicted at {target:.3g}x")
+    else:
+        target = factor * math.exp(trained - estimate.log_median)
+        if abs(math.log(target)) <= tol:
+            target = 1.0  # the objects already have sizes the model knows
+        if estimate.count < 3:
+            notes.append(f"only {estimate.count} object(s) to measure at {factor:.3g}x")
+        if estimate.log_half_spread > training_scale.log_half_spread + tol:  # no one factor suits them all
+            notes.append(
+                f"objects of very different sizes (log-size half spread {estimate.log_half_spread:.2f}, "
+                f"trained {training_scale.log_half_spread:.2f})"
+            )
+        if not MIN_FACTOR <= target <= MAX_FACTOR:
+            notes.append(f"factor {target:.3g} outside [{MIN_FACTOR}, {MAX_FACTOR}], clamped")
+            target = min(max(target, MIN_FACTOR), MAX_FACTOR)
+
+    reused = _reuse(looks, target, tol)
+    if reused is not None:
+        target, inst = reused, looks[reused]
+    else:
+        inst = look(target)
+        again = estimate_object_size(inst, target * per_output_pixel) if inst is not None else None
+        if again is not None and trained - again.log_median > 2 * tol:  # still too small: refine once
+            refined = min(MAX_FACTOR, target * math.exp(trained - again.log_median))
+            if look(refined) is not None:
+                target, inst = refined, looks[refined]
+    if inst is None:  # too small for the model at that factor: the nearest larger look that worked
+        larger = [f for f, found in looks.items() if found is not None and f > target]
+        if larger:
+            target = min(larger)
+            inst = looks[target]
+    if inst is None:
+        raise TooFewTokensError(f"{name} is too small for the model at every magnification tried: {sorted(looks)}")
+    inst.scale_factor = inst.scores.new_full((len(inst),), target)  # visible where only Instances travel
+    note = "; ".join(notes)
+    if note:
+        logger.warning(f"{name}: magnification {target:.3g}x chosen with uncertainty: {note}")
+    return {"instances": inst, "scale": {"factor": target, "looks": sorted(looks), "note": note}}
+
+
+def _reuse(looks, target, tol):
+    """The factor of the look made closest to ``target``, if within ``tol`` (log), else None."""
+    close = [(abs(math.log(target / f)), f) for f, inst in looks.items() if inst is not None]
+    close = [c for c in close if c[0] <= tol]
+    return min(close)[1] if close else None

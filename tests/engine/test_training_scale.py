@@ -1,0 +1,87 @@
+"""What inference needs to know about training is recorded by training and saved with the weights."""
+import logging
+import os
+
+import pytest
+import torch
+from conftest import QUICKSTART, register_coco_replacing, run, write_synthetic_coco
+from detectron2.config import LazyConfig
+
+from soit.engine import Predictor
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("scale_blobs"))
+    write_synthetic_coco(root)  # 88 x 72 images, ellipses of 16-32 px
+    register_coco_replacing("test_scale_blobs", os.path.join(root, "train.json"), os.path.join(root, "images"))
+    return root
+
+
+def train_tiny(output_dir, augmentation, extra=()):
+    overrides = [
+        f"train.output_dir={output_dir}", "train.max_iter=1", "train.checkpointer.period=100",
+        "dataloader.train.dataset.names=test_scale_blobs", "dataloader.train.total_batch_size=2",
+        "model.transformer.num_queries=10", "model.transformer.num_decoder_layers=1",
+        "model.transformer.ffn_dim=64", "model.mask_encoder.ffn_dim=64", "train.scale_samples=40", *extra,
+    ]  # fmt: skip
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(QUICKSTART), overrides)
+    cfg.dataloader.train.mapper.augmentation = augmentation
+    del cfg.dataloader["evaluator"]
+    run(cfg)
+    path = os.path.join(output_dir, "model_final.pth")
+    config = os.path.join(output_dir, "config.yaml")
+    return path, config
+
+
+def _predictor(weights, config, *overrides):
+    return Predictor(config, weights, overrides=["model.transformer.num_queries=10", *overrides])
+
+
+def test_a_model_trained_on_crops_tiles_at_its_crop_size(blobs, tmp_path):
+    from detectron2.data import transforms as T
+
+    crop = {"_target_": T.RandomCrop, "crop_type": "absolute", "crop_size": [48, 48]}
+    weights, config = train_tiny(tmp_path / "crops", [crop])
+    saved = torch.load(weights, map_location="cpu", weights_only=True)["training_scale"]
+    assert saved["input_size"] == [48, 48] and saved["num_objects"] > 0
+    assert 8 < saved["object_sizes"][2] < 40  # the ellipses' box sizes, in pixels of the 48 x 48 inputs
+    predictor = _predictor(weights, config)
+    assert predictor.model.training_scale.input_size == (48, 48)
+    assert predictor.model.inference_tile_size == 48  # nothing set by the user
+    tiled = []
+    original = predictor.model.tiled_inference
+    predictor.model.tiled_inference = lambda inputs: tiled.append(inputs[0]["image"].shape) or original(inputs)
+    predictor(torch.randint(0, 255, (72, 88, 3), dtype=torch.uint8).numpy())
+    assert tiled  # the 88 x 72 image was predicted in 48 x 48 tiles
+    assert _predictor(weights, config, "model.tile_size=0").model.inference_tile_size == 0  # the user's word wins
+
+
+def test_a_model_trained_on_whole_images_of_varying_size_predicts_in_one_pass(blobs, tmp_path, caplog):
+    from detectron2.data import transforms as T
+
+    resize = {"_target_": T.ResizeShortestEdge, "short_edge_length": [56, 64, 72], "max_size": 200, "sample_style": "choice"}
+    weights, config = train_tiny(tmp_path / "whole", [resize])
+    predictor = _predictor(weights, config)
+    assert predictor.model.training_scale.input_size is None
+    assert predictor.model.inference_tile_size == 0
+    with caplog.at_level(logging.WARNING):
+        tiled = _predictor(weights, config, "model.tile_size=32", "model.tile_overlap=8")
+    assert tiled.model.inference_tile_size == 32  # an override wins...
+    assert tiled.model.training_scale.input_size is None  # ...varying sizes: nothing to compare it with
+
+
+def test_the_config_takes_precedence_over_the_checkpoint_and_the_difference_is_logged(blobs, tmp_path, caplog):
+    from detectron2.data import transforms as T
+
+    crop = {"_target_": T.RandomCrop, "crop_type": "absolute", "crop_size": [48, 48]}
+    weights, config = train_tiny(tmp_path / "crops2", [crop])
+    mine = "model.training_scale={object_sizes: [10, 12, 14, 16, 18], input_size: [64, 64]}"
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(weights, config, mine)
+    assert predictor.model.training_scale.input_size == (64, 64)
+    assert predictor.model.inference_tile_size == 64
+    assert "model.training_scale from the config" in caplog.text and "48x48" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        _predictor(weights, config, "model.tile_size=40", "model.tile_overlap=8")
+    assert "model.tile_size=40 but the model was trained on 48x48 inputs" in caplog.text
