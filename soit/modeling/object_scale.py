@@ -5,7 +5,7 @@ as fractions of its input (docs/scale.md). So inference needs two facts about tr
 both measured at the network input, after the training augmentation:
 
 * the distribution of object sizes (the side of a square of the box's area, in input
-  pixels; for an object the input's border cuts, its side the cut leaves whole), which
+  pixels; objects cut by the input's border are left out), which
   :mod:`soit.modeling.auto_scale` matches at test time;
 * the input size when every training input had one size (a fixed crop), which decides the
   tile size of inference; ``None`` when sizes varied (whole images, multi-scale resizing).
@@ -100,12 +100,12 @@ class TrainingScale:
         return f"objects of {sizes} px (5/25/50/75/95 %, {self.num_objects} measured), {crop}"
 
 
-def _object_sizes(instances, margin: float = 1.0) -> torch.Tensor:
-    """(k,) the size of each object, NaN where it cannot be told. An object the image border
-    cuts (a training crop, the edge of a test image) shows only part of itself: cut on its
-    left or right its height is still whole and taken as its size, cut on its top or bottom
-    its width; cut on both (a corner) it is not measured. A whole object's size is the side
-    of the square of its box's area."""
+def _object_sizes(instances, margin: float = 1.0):
+    """``(sizes, whole)``: (k,) the size of each object and whether the image border leaves it
+    whole. A whole object's size is the side of the square of its box's area. An object the
+    border cuts (a training crop, the edge of a test image) shows only part of itself: cut on
+    its left or right its height is the best guess of its size, cut at its top or bottom its
+    width (a lower bound when more than half of it is cut), cut at a corner NaN."""
     boxes = instances.gt_boxes.tensor if hasattr(instances, "gt_boxes") else instances.pred_boxes.tensor
     boxes = boxes.detach().float().cpu()
     h, w = instances.image_size
@@ -115,7 +115,7 @@ def _object_sizes(instances, margin: float = 1.0) -> torch.Tensor:
     size = (wh[:, 0] * wh[:, 1]).sqrt()
     size = torch.where(cut_x & ~cut_y, wh[:, 1], size)
     size = torch.where(cut_y & ~cut_x, wh[:, 0], size)
-    return torch.where(cut_x & cut_y, torch.full_like(size, float("nan")), size)
+    return torch.where(cut_x & cut_y, torch.full_like(size, float("nan")), size), ~(cut_x | cut_y)
 
 
 def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: int = 200, seed: int = 0):
@@ -141,7 +141,8 @@ def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: i
                 continue
             shapes.add(tuple(int(s) for s in mapped["image"].shape[-2:]))
             if "instances" in mapped and len(mapped["instances"]):
-                sizes.append(_object_sizes(mapped["instances"]))
+                size, whole = _object_sizes(mapped["instances"])
+                sizes.append(size[whole])  # plenty of samples: whole objects only
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
@@ -187,8 +188,10 @@ def estimate_object_size(instances, factor: float, min_score: float = 0.2, relat
     if scores.numel() == 0 or float(scores.max()) < min_score:
         return None
     keep = scores >= relative * scores.max()
-    sizes = _object_sizes(instances)[keep] * factor
-    weights = scores[keep]
+    sizes, whole = _object_sizes(instances)
+    if (keep & whole).any():  # whole objects where there are any; on a small crop, the cut ones
+        keep &= whole
+    sizes, weights = sizes[keep] * factor, scores[keep]
     ok = sizes > 0  # NaN compares False
     if not ok.any():
         return None

@@ -176,14 +176,16 @@ def test_an_image_too_small_even_at_its_own_size_is_magnified_until_it_fits():
         auto_scale_predict(_input(6), FakeDetector(10.0, 4, side=6), TRAINED)
 
 
-def test_objects_cut_by_the_border_are_measured_by_their_whole_side():
+def test_whole_objects_are_measured_and_cut_ones_only_where_none_is_whole():
     inst = Instances((100, 100))
     inst.pred_boxes = Boxes(torch.tensor([
-        [40, 40, 60, 60],  # whole: 20
+        [40, 40, 70, 70],  # whole: 30
         [0, 30, 8, 50],  # cut on the left: its height, 20
         [30, 90, 50, 100],  # cut at the bottom: its width, 20
         [0, 0, 3, 4],  # a corner: not measured
     ], dtype=torch.float32))  # fmt: skip
     inst.scores = torch.tensor([0.9, 0.9, 0.9, 0.9])
     est = estimate_object_size(inst, factor=1.0)
-    assert est.count == 3 and math.exp(est.log_median) == pytest.approx(20.0)
+    assert est.count == 1 and math.exp(est.log_median) == pytest.approx(30.0)
+    est = estimate_object_size(inst[1:], factor=1.0)  # a small crop: every object touches its border
+    assert est.count == 2 and math.exp(est.log_median) == pytest.approx(20.0)
