@@ -264,24 +264,25 @@ def train(model, loader, optimizer, clip, device, seconds, max_iter):
     return it, time.perf_counter() - start
 
 
-def evaluate(model, mapper, device):
-    """bbox and segm AP on the test split (NaN when the model detected nothing)."""
+def evaluate(model, mapper, device, dataset_name=TEST_NAME):
+    """bbox and segm AP on a registered test set, the test split by default (NaN when the
+    model detected nothing)."""
     from detectron2.data import build_detection_test_loader
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
     model.to(device).eval()
-    loader = build_detection_test_loader(dataset=_test_dicts(), mapper=mapper, num_workers=0)
+    loader = build_detection_test_loader(dataset=_test_dicts(dataset_name), mapper=mapper, num_workers=0)
     # both tasks named: a model without detections yet would otherwise be scored on boxes only
-    evaluator = COCOEvaluator(TEST_NAME, tasks=("bbox", "segm"), use_fast_impl=False, max_dets_per_image=100)
+    evaluator = COCOEvaluator(dataset_name, tasks=("bbox", "segm"), use_fast_impl=False, max_dets_per_image=100)
     with torch.no_grad():
         res = inference_on_dataset(model, loader, evaluator)
     return {task: round(float(res[task]["AP"]), 2) for task in ("bbox", "segm")}
 
 
-def _test_dicts():
+def _test_dicts(dataset_name=TEST_NAME):
     from detectron2.data import get_detection_dataset_dicts
 
-    return get_detection_dataset_dicts(TEST_NAME, filter_empty=False)
+    return get_detection_dataset_dicts(dataset_name, filter_empty=False)
 
 
 def mean_std(values):

@@ -38,7 +38,8 @@ class TrainingScale:
     Attributes:
         object_sizes: the 5/25/50/75/95 % quantiles of the objects' size (square root of the
             box area) in network-input pixels, increasing.
-        input_size: (height, width) shared by every training input, or None.
+        input_size: (height, width) shared by every training input (up to a quarter turn:
+            then the shorter side first), or None.
         num_objects: how many objects were measured (0 when set by hand).
     """
 
@@ -139,7 +140,7 @@ def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: i
             mapped = mapper(copy.deepcopy(dataset_dicts[i]))
             if mapped is None:
                 continue
-            shapes.add(tuple(int(s) for s in mapped["image"].shape[-2:]))
+            shapes.add(tuple(sorted(int(s) for s in mapped["image"].shape[-2:])))  # a quarter turn is one size
             if "instances" in mapped and len(mapped["instances"]):
                 size, whole = _object_sizes(mapped["instances"])
                 sizes.append(size[whole])  # plenty of samples: whole objects only

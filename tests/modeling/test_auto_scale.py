@@ -165,6 +165,15 @@ def test_measuring_reads_the_mapper_and_leaves_random_states_alone():
     assert random.getstate() == state[0] and (np.random.get_state()[1] == state[1]).all()
     assert torch.equal(torch.get_rng_state(), state[2])
     assert scale.input_size == (64, 64) and scale.num_objects == 300
+    flip = iter(range(10**6))
+
+    class Turning(Mapper):
+        def __call__(self, d):
+            out = super().__call__(d)
+            out["image"] = torch.zeros(3, 48, 64) if next(flip) % 2 else torch.zeros(3, 64, 48)
+            return out
+
+    assert measure_training_scale(Turning(), [{}], num_samples=10).input_size == (48, 64)
     assert 18 <= scale.median <= 22 and scale.object_sizes[0] < scale.median < scale.object_sizes[-1]
 
 
