@@ -442,12 +442,7 @@ def report(args, cases, runs):
 
 def main(argv=None):
     args = parse_args(argv)
-    from detectron2.utils.logger import setup_logger
-
-    os.makedirs(args.output, exist_ok=True)
-    setup_logger(os.path.join(args.output, "log.txt"), name="soit")
-    for noisy in ("detectron2", "d2", "fvcore", "soit.data"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    bsd.setup_log(args.output)
     logger.info(args.command)
     args.train_json = None  # benchmark_small_data's shipped splits
     classes = bsd.register_data(args)

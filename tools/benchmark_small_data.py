@@ -315,15 +315,20 @@ def tables(results, scales, seeds):
     return "\n".join(out)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def setup_log(output):
+    """The benchmark's log in ``output``/log.txt, the libraries' chatter left out."""
     from detectron2.utils.logger import setup_logger
 
-    os.makedirs(args.output, exist_ok=True)
-    setup_logger(os.path.join(args.output, "log.txt"), name="soit")
+    os.makedirs(output, exist_ok=True)
+    setup_logger(os.path.join(output, "log.txt"), name="soit")
     # per-image notes of the mapper (annotations lost to crops) would drown the log
     for noisy in ("detectron2", "d2", "fvcore", "soit.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_log(args.output)
     classes = register_data(args)
     logger.info(f"data: {len(classes)} classes; rows: {[r['name'] for r in args.rows]}; seeds {args.seeds}")
 
