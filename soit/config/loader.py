@@ -126,9 +126,7 @@ def _check_pickle_arguments(cfg, path):
                     if value is None and node._get_node(arg)._value() is not None:
                         value = node._get_node(arg)._value()  # unresolvable: judge the raw text
                     if value not in (None, False, "", [], ()) and not (hasattr(value, "__len__") and len(value) == 0):
-                        from ..checkpoint.safe_load import UnsafeFileError
-
-                        raise UnsafeFileError(
+                        raise _unsafe(
                             f"{path}: {where}.{arg} is set ({_short(value)}): {what}, which can run code. If you "
                             "made the file or trust its source, pass --trust-pickle (trust_pickle=True)."
                         )
