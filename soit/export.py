@@ -27,7 +27,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 # importing the model imports soit.layers.ms_deform_attn, which registers soit::ms_deform_attn
-from .modeling.meta_arch import soit_postprocess
+from .modeling.postprocessing import soit_postprocess
 
 __all__ = [
     "INPUT_NAME",

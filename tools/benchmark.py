@@ -318,7 +318,9 @@ def soit_stage_times(runner, device, runs):
     handles.append(model.neck.register_forward_pre_hook(backbone_done))
     for name, module in parts.items():
         handles += [module.register_forward_pre_hook(begin(name)), module.register_forward_hook(end(name))]
-    postprocess = model.postprocess
+    from soit.modeling import meta_arch
+
+    postprocess = meta_arch.detections_at_output_size  # what SOIT.inference calls per image
 
     def timed_postprocess(*a, **k):
         t = now()
@@ -326,7 +328,7 @@ def soit_stage_times(runner, device, runs):
         totals["postprocess"] += now() - t
         return out
 
-    model.postprocess = timed_postprocess
+    meta_arch.detections_at_output_size = timed_postprocess
     try:
         runner.infer(1)
         totals = dict.fromkeys(SOIT_STAGES, 0.0)
@@ -336,7 +338,7 @@ def soit_stage_times(runner, device, runs):
             runner.infer(1)
             total += now() - t
     finally:
-        del model.postprocess
+        meta_arch.detections_at_output_size = postprocess
         for h in handles:
             h.remove()
     out = {k: v / runs for k, v in totals.items()}

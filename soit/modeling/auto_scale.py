@@ -31,6 +31,7 @@ import math
 from typing import Callable, Dict
 
 from .object_scale import TrainingScale, estimate_object_size
+from .query_selection import TooFewTokensError
 from .scale_search import rescale_input
 
 __all__ = ["auto_scale_predict", "check_first_look"]
@@ -65,8 +66,6 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
         The factor is also each instance's ``scale_factor`` field (for the ``Predictor``,
         which returns only ``Instances``).
     """
-    from .transformer import TooFewTokensError
-
     trained = math.log(training_scale.median)
     tol = max(math.log(1.1), training_scale.log_half_spread)
     name = x.get("file_name", "an image")

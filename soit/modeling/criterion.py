@@ -2,9 +2,10 @@
 the two-stage encoder proposals, and Dice + BCE mask losses of the instance-aware
 transformer's masks for the last decoder layers (paper section "Training", Table 5).
 
-The criterion does loss math only. Training runs: the model's heads -> :meth:`SetCriterion.match`
--> the mask head on the matched queries (:func:`matched_queries` says which, in which order)
--> :meth:`SetCriterion.forward` on logits, boxes and mask logits.
+The criterion does loss math only (the element-wise losses in ``losses.py``, point
+sampling in ``point_sampling.py``). Training runs (``set_losses.py``): the model's heads ->
+:meth:`SetCriterion.match` -> the mask head on the matched queries (:func:`matched_queries`
+says which, in which order) -> :meth:`SetCriterion.forward` on logits, boxes and mask logits.
 
 Notation: Ld decoder layers, B images, Q queries, K classes, (h, w) the padded stride-8
 map, N matched (layer, query) pairs with a mask loss.
@@ -17,172 +18,21 @@ from torch import nn
 
 from ..layers.position_encoding import valid_extent
 from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from .losses import (
+    MASK_LOSS_PADDING,
+    dice_loss,
+    ia_bce_loss,
+    instance_mask_losses,
+    mask_valid_pixels,
+    sigmoid_focal_loss,
+    varifocal_loss,
+)
 from .mask_head import aligned_bilinear
+from .point_sampling import point_sample, sample_mask_points
 
-__all__ = [
-    "SetCriterion",
-    "dice_loss",
-    "instance_mask_losses",
-    "mask_valid_pixels",
-    "matched_queries",
-    "ia_bce_loss",
-    "sigmoid_focal_loss",
-    "varifocal_loss",
-]
+__all__ = ["SetCriterion", "matched_queries"]
 
-MASK_LOSS_PADDING = ("official", "exclude")
 CLS_LOSSES = ("focal", "varifocal", "ia_bce")
-
-
-def varifocal_loss(logits, quality, positive, alpha=0.75, gamma=2.0):
-    """Element-wise varifocal loss (Zhang et al., "VarifocalNet", CVPR 2021), no reduction.
-
-    Positives (``positive`` True) learn their localisation quality q as the class target,
-    weighted by q: -q * (q log p + (1 - q) log(1 - p)); negatives are down-weighted as
-    -alpha * p^gamma * log(1 - p).
-
-    Args:
-        logits, quality, positive: same shape; quality in [0, 1] (read at positives only).
-    """
-    p = logits.sigmoid()
-    target = torch.where(positive, quality, torch.zeros_like(quality))
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    weight = torch.where(positive, quality, alpha * p.detach().pow(gamma))
-    return weight * ce
-
-
-def ia_bce_loss(logits, quality, positive, alpha=0.25, gamma=2.0):
-    """Element-wise IoU-aware BCE (Cai et al., "Align-DETR", 2023), no reduction.
-
-    Positives learn t = s^alpha * u^(1 - alpha), with s their own (detached) score and u the
-    localisation quality: -(t log s + (1 - t) log(1 - s)); negatives -s^gamma * log(1 - s).
-
-    Args:
-        logits, quality, positive: same shape; quality in [0, 1] (read at positives only).
-    """
-    s = logits.sigmoid().detach()
-    target = torch.where(positive, s.pow(alpha) * quality.clamp(min=0).pow(1 - alpha), torch.zeros_like(s))
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return torch.where(positive, ce, s.pow(gamma) * ce)
-
-
-def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
-    """Element-wise sigmoid focal loss (Lin et al. 2017), no reduction.
-
-    loss = -alpha_t * (1 - p_t)^gamma * log(p_t), with p_t = p for targets 1 and 1 - p for
-    targets 0, alpha_t = alpha for targets 1 and 1 - alpha for targets 0.
-
-    Args:
-        logits, targets: same shape; targets in {0, 1} (or soft).
-    """
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return alpha_t * (1 - p_t).pow(gamma) * ce
-
-
-def dice_loss(probs, targets, eps=1e-5):
-    """Per-instance Dice loss 1 - 2 sum(p t) / (sum(p^2) + sum(t^2) + eps).
-
-    Args:
-        probs, targets: (N, ...) probabilities and soft targets.
-
-    Returns:
-        (N,).
-    """
-    probs, targets = probs.flatten(1), targets.flatten(1)
-    inter = (probs * targets).sum(1)
-    return 1 - 2 * inter / ((probs * probs).sum(1) + (targets * targets).sum(1) + eps)
-
-
-def mask_valid_pixels(mask_padding, size):
-    """Pixels of the upsampled mask map that count as image (not padding).
-
-    The stride-8 padding mask is resized bilinearly (``align_corners=True``) to ``size``
-    and every pixel with a non-zero result is padding: a pixel is valid only if its
-    interpolation touches no padded stride-8 cell, so up to ~3 pixels (at x4) of real image
-    next to the padding border also count as padding. An image without padding is valid
-    everywhere. This is the released model's definition (its BCE divides by this count).
-
-    Args:
-        mask_padding: (B, h, w) bool, True at padding.
-        size: (H, W) of the upsampled map, e.g. (4h, 4w).
-
-    Returns:
-        (B, H, W) bool, True where valid.
-    """
-    pad = F.interpolate(mask_padding[:, None].float(), size=tuple(size), mode="bilinear", align_corners=True)
-    return pad[:, 0] == 0
-
-
-def sample_mask_points(logits, extent, num_points, oversample=3.0, importance=0.75):
-    """Where to evaluate point-sampled mask losses (PointRend, Kirillov et al., CVPR 2020, as
-    trained by Mask2Former, Cheng et al., CVPR 2022): ``oversample * num_points`` random points,
-    of which the ``importance * num_points`` with the least certain logits (closest to 0)
-    are kept, plus the rest drawn at random. No gradient.
-
-    Args:
-        logits: (N, h, w) mask logits over the padded map.
-        extent: (N, 2) (x, y) part of the padded map that is image, in (0, 1].
-        num_points, oversample, importance: as above (importance in [0, 1]).
-
-    Returns:
-        (N, num_points, 2) (x, y) in [0, 1] of the padded map.
-    """
-    n = logits.shape[0]
-    with torch.no_grad():
-        extent = extent[:, None].to(logits.dtype)
-        num_uncertain = int(importance * num_points)
-        if num_uncertain > 0:
-            candidates = torch.rand(n, max(int(oversample * num_points), num_uncertain), 2, device=logits.device) * extent
-            certainty = point_sample(logits, candidates).abs()
-            chosen = certainty.topk(num_uncertain, dim=1, largest=False).indices
-            uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
-        else:
-            uncertain = logits.new_zeros(n, 0, 2)
-        rest = torch.rand(n, num_points - num_uncertain, 2, device=logits.device) * extent
-        return torch.cat([uncertain, rest], 1)
-
-
-def point_sample(maps, points):
-    """(N, H, W) maps read bilinearly at (N, P, 2) (x, y) points in [0, 1]: pixel k covers
-    [k / W, (k + 1) / W) (``align_corners=False``); within half a pixel of the border the
-    border value (replicated, as the dense loss's upsampling does). Returns (N, P)."""
-    grid = (2 * points - 1)[:, :, None].to(maps.dtype)
-    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0, :, 0]
-
-
-def instance_mask_losses(probs, targets, valid, padding="official"):
-    """Dice and BCE of N instance masks, each normalized as in SOIT (before / num_gts).
-
-    Args:
-        probs: (N, H, W) predicted probabilities (post-sigmoid).
-        targets: (N, H, W) soft targets in [0, 1].
-        valid: (N, H, W) bool, valid pixels of each instance's image
-            (:func:`mask_valid_pixels`).
-        padding: "official": every pixel counts in Dice and BCE, padding included (the
-            released model's behaviour); "exclude": predictions and targets in the padding
-            are ignored by both losses.
-
-    Returns:
-        dice (N,); bce (N,) = BCE summed over the instance's counted pixels divided by the
-        number of valid pixels of its image (in both modes).
-    """
-    if padding not in MASK_LOSS_PADDING:
-        raise ValueError(f"mask loss padding must be one of {MASK_LOSS_PADDING}, got {padding!r}")
-    probs, targets = probs.float(), targets.float()
-    num_valid = valid.flatten(1).sum(1).clamp(min=1)
-    if padding == "exclude":
-        v = valid.to(probs.dtype)
-        probs, targets = probs * v, targets * v
-    # BCE on probabilities (log clamped at -100) is what the released model optimises;
-    # it is not autocast-safe, hence fp32 with autocast off
-    with torch.autocast(device_type=probs.device.type, enabled=False):
-        bce = F.binary_cross_entropy(probs, targets, reduction="none")
-    if padding == "exclude":
-        bce = bce * v
-    return dice_loss(probs, targets), bce.flatten(1).sum(1) / num_valid
 
 
 def matched_queries(matches, layers):
@@ -221,8 +71,6 @@ class SetCriterion(nn.Module):
         num_classes: K, class-logit channels.
         matcher: :class:`~soit.modeling.matcher.HungarianMatcher` (or any callable with its
             signature), run per decoder layer and for the encoder proposals.
-        mask_head: must be None: the model runs its mask head (accepted so that configs
-            written with it keep loading).
         cls_weight, bbox_weight, giou_weight, dice_weight, bce_weight: loss weights.
         focal_alpha, focal_gamma: classification focal loss (gamma is also the exponent of
             the negatives' weight in "varifocal" and "ia_bce").
@@ -263,7 +111,6 @@ class SetCriterion(nn.Module):
         self,
         num_classes,
         matcher,
-        mask_head=None,
         *,
         cls_weight=2.0,
         bbox_weight=5.0,
@@ -287,12 +134,6 @@ class SetCriterion(nn.Module):
         extra_mask_loss_points=0,
     ):
         super().__init__()
-        if mask_head is not None:
-            raise ValueError(
-                "SetCriterion(mask_head=...) is no longer used: the model runs its mask head on the matched "
-                "queries and gives the criterion their mask logits; drop the argument (mask_loss_layers=0 turns "
-                "the mask losses off)"
-            )
         if cls_loss not in CLS_LOSSES:
             raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
         if mask_loss_padding not in MASK_LOSS_PADDING:

@@ -7,8 +7,7 @@ instance-aware transformer reads.
 import torch
 from torch import nn
 
-from soit.layers import MSDeformAttn
-from soit.modeling.transformer import DeformableEncoderLayer, encoder_reference_points
+from .transformer_layers import DeformableEncoderLayer, encoder_reference_points, reset_attention_parameters
 
 __all__ = ["MaskEncoder"]
 
@@ -47,12 +46,7 @@ class MaskEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
+        reset_attention_parameters(self)
 
     def forward(self, memory, pos, padding_mask, valid_ratios):
         """

@@ -22,7 +22,17 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["tile_windows", "TileDetections", "merge_tile_detections", "tiled_predict", "paste_masks"]
+__all__ = ["check_tile_options", "tile_windows", "TileDetections", "merge_tile_detections", "tiled_predict", "paste_masks"]
+
+
+def check_tile_options(tile_size, overlap: int):
+    """``tile_size`` (None, 0 or positive) checked against the overlap; returned as given."""
+    if tile_size is not None and (tile_size < 0 or (tile_size and not 0 <= overlap < tile_size)):
+        raise ValueError(
+            f"tile_size must be None, 0 or positive and tile_overlap in [0, tile_size), got tile_size={tile_size}, "
+            f"tile_overlap={overlap}"
+        )
+    return tile_size
 
 
 def _starts(length: int, tile: int, stride: int) -> List[int]:

@@ -23,6 +23,7 @@ from soit.checkpoint import (
     model_config_for,
     official_to_ours,
 )
+from soit.modeling.postprocessing import detections_at_output_size, select_detections
 
 R50_CONFIG = os.path.join(REPO, "configs", "models", "soit_r50.py")
 BN_STATS = ("running_mean", "running_var")
@@ -344,8 +345,8 @@ def test_official_fixture_inference_parity(small_model, fixture_ref):
         with torch.no_grad():
             images, padding = model.preprocess_image([{"image": image}])
             outputs, mask_inputs = model.forward_heads(images.tensor, padding)
-            res = model.select_detections(outputs, mask_inputs)[0]
-            inst = model.postprocess(res, (h, w), (h, w))
+            res = select_detections(outputs, mask_inputs, model.mask_head, model.max_detections)[0]
+            inst = detections_at_output_size(res, (h, w), (h, w), mask_stride=model.mask_stride)
         # the same 100 (query, label) detections, in the same order
         assert torch.equal(res["queries"], expected["det_query"].long()), i
         assert torch.equal(res["labels"], expected["det_labels"].long()), i

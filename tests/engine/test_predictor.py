@@ -12,6 +12,7 @@ from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 
 from soit.engine import Predictor
+from soit.modeling import test_time
 
 QUICKSTART = os.path.join(REPO, "configs", "quickstart", "soit_nuclei_cpu.py")
 # 10 instead of 100 detections: the same code path at a tenth of the mask upsampling
@@ -159,7 +160,7 @@ def test_config_object_resize_and_random_weights_warning(image, log):
     assert (out.pred_boxes.tensor[:, 2:] <= torch.tensor([420, 300])).all()
 
 
-def test_tiled_inference_through_an_override(weights, image):
+def test_tiled_inference_through_an_override(weights, image, monkeypatch):
     # the override makes tiles of 160 with 32 overlap (automatic magnification off: this test
     # is about the tiles at the image's own size)
     overrides = OVERRIDES + ["model.auto_scale=False"]
@@ -173,8 +174,8 @@ def test_tiled_inference_through_an_override(weights, image):
     # detections come back inside the image
     large = Predictor(QUICKSTART, checkpoint=weights[0], overrides=overrides + ["model.tile_size=512"])
     canvas = []
-    original = large.model._predict_tiles
-    large.model._predict_tiles = lambda tiles: canvas.append(tuple(tiles.shape[-2:])) or original(tiles)
+    original = test_time.predict_tiles
+    monkeypatch.setattr(test_time, "predict_tiles", lambda m, tiles: canvas.append(tuple(tiles.shape[-2:])) or original(m, tiles))
     instances = large(image)
     assert canvas == [(512, 512)]
     assert instances.image_size == image.shape[:2] and instances.pred_masks.shape[1:] == image.shape[:2]

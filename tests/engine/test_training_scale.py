@@ -8,6 +8,7 @@ from conftest import QUICKSTART, register_coco_replacing, run, write_synthetic_c
 from detectron2.config import LazyConfig
 
 from soit.engine import Predictor
+from soit.modeling import test_time
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def _predictor(weights, config, *overrides):
     return Predictor(config, weights, overrides=["model.transformer.num_queries=10", *overrides])
 
 
-def test_a_model_trained_on_crops_tiles_at_its_crop_size(blobs, tmp_path):
+def test_a_model_trained_on_crops_tiles_at_its_crop_size(blobs, tmp_path, monkeypatch):
     from detectron2.data import transforms as T
 
     crop = {"_target_": T.RandomCrop, "crop_type": "absolute", "crop_size": [48, 48]}
@@ -50,8 +51,8 @@ def test_a_model_trained_on_crops_tiles_at_its_crop_size(blobs, tmp_path):
     assert predictor.model.training_scale.input_size == (48, 48)
     assert predictor.model.inference_tile_size == 48  # nothing set by the user
     tiled = []
-    original = predictor.model.tiled_inference
-    predictor.model.tiled_inference = lambda inputs: tiled.append(inputs[0]["image"].shape) or original(inputs)
+    original = test_time.predict_tiled
+    monkeypatch.setattr(test_time, "predict_tiled", lambda m, x: tiled.append(x["image"].shape) or original(m, x))
     predictor(torch.randint(0, 255, (72, 88, 3), dtype=torch.uint8).numpy())
     assert tiled  # the 88 x 72 image was predicted in 48 x 48 tiles
     assert _predictor(weights, config, "model.tile_size=0").model.inference_tile_size == 0  # the user's word wins

@@ -1,24 +1,17 @@
 """SetCriterion: loss keys, empty images, mask-loss layers and padding, hand-computed values."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import make_batch
-from soit.modeling.criterion import (
-    SetCriterion,
-    dice_loss,
-    instance_mask_losses,
-    mask_valid_pixels,
-    matched_queries,
-    sigmoid_focal_loss,
-)
+from soit.modeling.criterion import SetCriterion, matched_queries
+from soit.modeling.losses import dice_loss, instance_mask_losses, mask_valid_pixels, sigmoid_focal_loss
 from soit.modeling.mask_head import InstanceAwareMaskHead
 from soit.modeling.matcher import HungarianMatcher
-from soit.modeling.meta_arch import SOIT
+from soit.modeling.set_losses import SetLosses
 
 SET_KEYS = ("loss_cls", "loss_bbox", "loss_giou")
 MASK_KEYS = ("loss_mask_dice", "loss_mask_bce")
@@ -29,12 +22,9 @@ def criterion(**kwargs):
 
 
 def run_losses(crit, outputs, targets, mask_inputs, head=None):
-    """What SOIT.losses does: match, the mask head on the matched queries, the losses."""
-    model = SimpleNamespace(criterion=crit, mask_head=head or InstanceAwareMaskHead())
-    model.transformer = SimpleNamespace(num_queries=outputs["pred_logits"].shape[2])  # no other query group
-    for name in ("_set_losses", "matched_mask_logits"):
-        setattr(model, name, getattr(SOIT, name).__get__(model))
-    return SOIT.losses(model, outputs, mask_inputs, targets)
+    """What training runs: match, the mask head on the matched queries, the losses."""
+    num_queries = outputs["pred_logits"].shape[2]  # no other query group
+    return SetLosses(crit, head or InstanceAwareMaskHead(), num_queries)(outputs, mask_inputs, targets)
 
 
 def expected_keys(Ld, mask_layers, enc=True):
@@ -222,8 +212,6 @@ def test_encoder_proposals_use_binary_labels():
 def test_bad_options():
     with pytest.raises(ValueError, match="mask_loss_padding"):
         criterion(mask_loss_padding="crop")
-    with pytest.raises(ValueError, match="model runs its mask head"):
-        SetCriterion(4, HungarianMatcher(), InstanceAwareMaskHead())
     outputs, targets, mask_inputs = make_batch([1])
     with pytest.raises(ValueError, match="mask_logits"):
         criterion()(outputs, targets)
@@ -235,7 +223,7 @@ def test_bad_options():
 
 
 def test_the_criterion_needs_no_mask_head():
-    """Mask logits given directly: the losses are those of the same logits through SOIT."""
+    """Mask logits given directly: the losses are those of the same logits through SetLosses."""
     outputs, targets, mask_inputs = make_batch([2, 1])
     crit = criterion(mask_loss_layers=2)
     matches = crit.match(outputs, targets)

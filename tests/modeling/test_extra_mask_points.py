@@ -2,7 +2,6 @@
 and their mask losses on fewer decoder layers: what keeps hybrid matching plus denoising
 within the paper recipe's memory (SetCriterion ``extra_mask_loss_points`` /
 ``extra_mask_loss_layers``)."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from soit.modeling.criterion import SetCriterion
 from soit.modeling.denoising import DenoisingQueries
 from soit.modeling.mask_head import InstanceAwareMaskHead
 from soit.modeling.matcher import HungarianMatcher
-from soit.modeling.meta_arch import SOIT
+from soit.modeling.set_losses import SetLosses
 
 
 def _head_inputs(seed=0):
@@ -66,38 +65,36 @@ def test_head_at_points_gradients_reach_features_and_parameters():
     assert empty.shape == (0, 11)
 
 
-def _denoising_model(crit, q=6, seed=0):
+def _denoising_losses(crit, q=6, seed=0):
     torch.manual_seed(seed)
     gen = DenoisingQueries(num_classes=4, embed_dim=8, groups=2)
     _, targets, _ = make_batch([2, 3], Q=q)
     dn = gen(targets)
     outputs, targets, mask_inputs = make_batch([2, 3], Q=dn["query"].shape[1] + q, valid=[(4, 5), (3, 4)])
-    model = SimpleNamespace(criterion=crit, mask_head=InstanceAwareMaskHead(), denoising=gen)
-    for name in ("_set_losses", "matched_mask_logits", "extra_mask_points"):
-        setattr(model, name, getattr(SOIT, name).__get__(model))
-    return model, outputs, targets, mask_inputs, dn
+    set_losses = SetLosses(crit, InstanceAwareMaskHead(), num_queries=q, denoising_weight=gen.loss_weight)
+    return set_losses, outputs, targets, mask_inputs, dn
 
 
 def test_denoising_masks_at_points_are_the_dense_masks_read_at_those_points():
     crit = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_points=12)
-    model, outputs, targets, mask_inputs, dn = _denoising_model(crit)
+    losses_of, outputs, targets, mask_inputs, dn = _denoising_losses(crit)
     seen = {}
-    choose = model.extra_mask_points
+    choose = losses_of.extra_mask_points
 
     def recording(outputs, mask_inputs, index):
         seen["index"], seen["points"] = index, choose(outputs, mask_inputs, index)
         return seen["points"]
 
-    model.extra_mask_points = recording
-    losses = SOIT.denoising_losses(model, outputs, mask_inputs, targets, dn)
+    losses_of.extra_mask_points = recording
+    losses = losses_of.denoising_losses(outputs, mask_inputs, targets, dn)
     index, points = seen["index"], seen["points"]
     assert points.shape == (index["query"].numel(), 12, 2)
     # every point lies in its mask's image: (x, y) < the valid fraction of the padded map
     extent = torch.tensor([[5 / 5, 4 / 4], [4 / 5, 3 / 4]])[index["image"]]
     assert (points >= 0).all() and (points <= extent[:, None]).all()
     # the same losses from the full-map logits read at the same points
-    dense = SOIT.matched_mask_logits(model, outputs, mask_inputs, index)
-    from soit.modeling.criterion import point_sample
+    dense = losses_of.matched_mask_logits(outputs, mask_inputs, index)
+    from soit.modeling.point_sampling import point_sample
 
     crit_dense = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude")
     read = point_sample(dense, points)
@@ -124,26 +121,27 @@ def test_uncertain_points_come_from_the_full_map():
         4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_points=8, mask_loss_importance=1.0,
         mask_loss_oversample=4.0,
     )  # fmt: skip
-    model, outputs, _, mask_inputs, dn = _denoising_model(crit)
-    from soit.modeling.criterion import matched_queries, point_sample
+    losses_of, outputs, _, mask_inputs, dn = _denoising_losses(crit)
+    from soit.modeling.criterion import matched_queries
+    from soit.modeling.point_sampling import point_sample
 
     index = matched_queries([dn["matches"]] * 3, [2])
     torch.manual_seed(3)
-    points = model.extra_mask_points(outputs, mask_inputs, index)
-    dense = SOIT.matched_mask_logits(model, outputs, mask_inputs, index).detach()
-    model.criterion = SetCriterion(
+    points = losses_of.extra_mask_points(outputs, mask_inputs, index)
+    dense = losses_of.matched_mask_logits(outputs, mask_inputs, index).detach()
+    losses_of.criterion = SetCriterion(
         4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_points=8, mask_loss_importance=0.0
     )
     torch.manual_seed(3)
-    uniform = model.extra_mask_points(outputs, mask_inputs, index)
+    uniform = losses_of.extra_mask_points(outputs, mask_inputs, index)
     # the chosen points are less certain (|logit| closer to 0) than random ones
     assert point_sample(dense, points).abs().mean() < point_sample(dense, uniform).abs().mean()
 
 
 def test_extra_mask_loss_layers_limit_the_training_only_groups_only():
     crit = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude", extra_mask_loss_layers=1)
-    model, outputs, targets, mask_inputs, dn = _denoising_model(crit)
-    losses = SOIT.denoising_losses(model, outputs, mask_inputs, targets, dn)
+    losses_of, outputs, targets, mask_inputs, dn = _denoising_losses(crit)
+    losses = losses_of.denoising_losses(outputs, mask_inputs, targets, dn)
     assert "loss_mask_dice_dn" in losses and "loss_mask_bce_dn" in losses
     assert not any(k.startswith(("loss_mask_dice_0", "loss_mask_dice_1")) for k in losses)
     assert {"loss_cls_0_dn", "loss_bbox_1_dn"} <= set(losses)  # class and box losses on every layer

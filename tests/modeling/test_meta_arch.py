@@ -11,6 +11,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import REPO, synthetic_sample, tiny_model, two_images
 from soit.modeling import SOIT
+from soit.modeling.postprocessing import detections_at_output_size
 
 CONFIGS = os.path.join(REPO, "configs", "models")
 
@@ -132,12 +133,11 @@ def _one_result(k, hm, wm, fill=None, pad=(0, 0)):
 
 @pytest.mark.parametrize("k", [5, 37])
 def test_postprocess_in_chunks_equals_all_at_once(k):
-    model = tiny_model()
     h, w = 75, 90
     result = _one_result(k, math.ceil(h / 8), math.ceil(w / 8))
     for output_size in ((h, w), (150, 180)):
-        whole = model.postprocess(result, (h, w), output_size, chunk=1000)
-        chunked = model.postprocess(result, (h, w), output_size, chunk=8)
+        whole = detections_at_output_size(result, (h, w), output_size, chunk=1000)
+        chunked = detections_at_output_size(result, (h, w), output_size, chunk=8)
         assert len(chunked) == k and chunked.image_size == whole.image_size == output_size
         for name in ("pred_masks", "scores", "pred_classes"):
             assert torch.equal(chunked.get(name), whole.get(name)), name
@@ -146,18 +146,18 @@ def test_postprocess_in_chunks_equals_all_at_once(k):
 
 @pytest.mark.parametrize("fill", [50.0, -50.0])
 def test_postprocess_ignores_batch_padding(fill):
-    model = tiny_model()
     h, w = 75, 90  # network input size of this image; its mask map is ceil(h/8) x ceil(w/8)
     hm, wm = math.ceil(h / 8), math.ceil(w / 8)
-    alone = model.postprocess(_one_result(6, hm, wm), (h, w), (150, 180))
-    padded = model.postprocess(_one_result(6, hm, wm, fill, pad=(4, 7)), (h, w), (150, 180))
+    alone = detections_at_output_size(_one_result(6, hm, wm), (h, w), (150, 180))
+    padded = detections_at_output_size(_one_result(6, hm, wm, fill, pad=(4, 7)), (h, w), (150, 180))
     assert torch.equal(alone.pred_masks, padded.pred_masks)
     assert torch.equal(alone.pred_boxes.tensor, padded.pred_boxes.tensor)
     assert alone.pred_masks.any() and not alone.pred_masks.all()
 
-    model.inference_padding = "official"  # resizes the padded map: stretches the masks
-    official = model.postprocess(_one_result(6, hm, wm, fill, pad=(4, 7)), (h, w), (150, 180))
-    official_alone = model.postprocess(_one_result(6, hm, wm), (h, w), (150, 180))
+    official = detections_at_output_size(  # resizes the padded map: stretches the masks
+        _one_result(6, hm, wm, fill, pad=(4, 7)), (h, w), (150, 180), inference_padding="official"
+    )
+    official_alone = detections_at_output_size(_one_result(6, hm, wm), (h, w), (150, 180), inference_padding="official")
     assert torch.equal(official_alone.pred_masks, alone.pred_masks)  # no padding: the same
     assert (official.pred_masks != alone.pred_masks).float().mean() > 0.05
 

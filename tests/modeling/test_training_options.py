@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import C, LAYERS, LEVEL_SIZES, Q, has_gradient_path, head_boxes, make_batch, make_branches, make_inputs
 
-from soit.modeling.criterion import SetCriterion, ia_bce_loss, sigmoid_focal_loss, varifocal_loss
+from soit.modeling.criterion import SetCriterion
+from soit.modeling.losses import ia_bce_loss, sigmoid_focal_loss, varifocal_loss
 from soit.modeling.matcher import HungarianMatcher
 from soit.modeling.transformer import DeformableTransformer
 
@@ -144,7 +145,7 @@ def test_point_sampled_mask_losses_approach_the_dense_ones():
     logits, targets, padding = smooth_case()
     dense = SetCriterion(1, HungarianMatcher(), mask_loss_padding="exclude")
     probs = dense.mask_upsample
-    from soit.modeling.criterion import instance_mask_losses, mask_valid_pixels
+    from soit.modeling.losses import instance_mask_losses, mask_valid_pixels
     from soit.modeling.mask_head import aligned_bilinear
 
     size = (probs * 6, probs * 8)
@@ -172,7 +173,7 @@ def test_point_sampling_prefers_uncertain_points_and_stays_in_the_image():
     logits[0, :, 1] = 0.0  # the only uncertain column
     padding = torch.zeros(1, 4, 8, dtype=torch.bool)
     padding[0, :, 4:] = True  # the right half is padding
-    from soit.modeling.criterion import sample_mask_points
+    from soit.modeling.point_sampling import sample_mask_points
 
     torch.manual_seed(0)
     points = sample_mask_points(logits, torch.tensor([[0.5, 1.0]]), num_points=40, oversample=3.0, importance=0.75)
@@ -263,27 +264,23 @@ def test_one2one_queries_do_not_see_the_one2many_group():
 
 
 def test_one2many_losses_are_one2one_losses_against_the_repeated_ground_truth():
-    from types import SimpleNamespace
-
     from soit.modeling.mask_head import InstanceAwareMaskHead
-    from soit.modeling.meta_arch import SOIT
+    from soit.modeling.set_losses import SetLosses
 
     q, q2, k = 6, 9, 3
     outputs, targets, mask_inputs = make_batch([2, 0, 3], Q=q + q2)
     crit = SetCriterion(4, HungarianMatcher(), one2many_repeats=k, one2many_weight=0.5, mask_loss_padding="exclude")
-    model = SimpleNamespace(criterion=crit, mask_head=InstanceAwareMaskHead(), transformer=SimpleNamespace(num_queries=q))
-    for name in ("_set_losses", "matched_mask_logits"):
-        setattr(model, name, getattr(SOIT, name).__get__(model))
-    losses = SOIT.losses(model, outputs, mask_inputs, targets)
+    set_losses = SetLosses(crit, InstanceAwareMaskHead(), num_queries=q)
+    losses = set_losses(outputs, mask_inputs, targets)
 
     one2one = {key: (v[:, :, :q] if key in ("pred_logits", "pred_boxes", "dyn_params") else v) for key, v in outputs.items()}
-    alone = SOIT._set_losses(model, one2one, mask_inputs, targets)
+    alone = set_losses.set_losses(one2one, mask_inputs, targets)
     one2many = {key: outputs[key][:, :, q:] for key in ("pred_logits", "pred_boxes", "dyn_params")}
     repeated = [
         {"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1), "masks": t["masks"].repeat(k, 1, 1)}
         for t in targets
     ]
-    reference = SOIT._set_losses(model, one2many, mask_inputs, repeated)
+    reference = set_losses.set_losses(one2many, mask_inputs, repeated)
     assert set(losses) == set(alone) | {f"{key}_one2many" for key in reference}
     for key, value in alone.items():
         torch.testing.assert_close(losses[key], value)
@@ -361,11 +358,9 @@ def test_denoising_noise_and_matches():
 
 
 def test_denoising_mask_losses_train_the_positives_toward_their_own_ground_truth():
-    from types import SimpleNamespace
-
     from soit.modeling.denoising import DenoisingQueries
     from soit.modeling.mask_head import InstanceAwareMaskHead
-    from soit.modeling.meta_arch import SOIT
+    from soit.modeling.set_losses import SetLosses
 
     q = 6
     torch.manual_seed(0)
@@ -375,10 +370,8 @@ def test_denoising_mask_losses_train_the_positives_toward_their_own_ground_truth
     d = dn["query"].shape[1]  # 2 groups x (3 positives + 3 negatives)
     outputs, targets, mask_inputs = make_batch([2, 3], Q=d + q)
     crit = SetCriterion(4, HungarianMatcher(), mask_loss_padding="exclude")
-    model = SimpleNamespace(criterion=crit, mask_head=InstanceAwareMaskHead(), denoising=gen)
-    for name in ("_set_losses", "matched_mask_logits"):
-        setattr(model, name, getattr(SOIT, name).__get__(model))
-    losses = SOIT.denoising_losses(model, outputs, mask_inputs, targets, dn)
+    set_losses = SetLosses(crit, InstanceAwareMaskHead(), num_queries=q, denoising_weight=gen.loss_weight)
+    losses = set_losses.denoising_losses(outputs, mask_inputs, targets, dn)
     assert {"loss_mask_dice_dn", "loss_cls_dn", "loss_bbox_0_dn"} <= set(losses)
     losses["loss_mask_dice_dn"].backward()
     touched = outputs["dyn_params"].grad[-1].abs().sum(-1) > 0  # (B, Q) of the last layer
@@ -390,6 +383,6 @@ def test_denoising_mask_losses_train_the_positives_toward_their_own_ground_truth
     changed = [dict(t) for t in targets]
     changed[1]["masks"] = changed[1]["masks"].clone()
     changed[1]["masks"][2] = 1 - changed[1]["masks"][2]
-    again = SOIT.denoising_losses(model, outputs, mask_inputs, changed, dn)
+    again = set_losses.denoising_losses(outputs, mask_inputs, changed, dn)
     assert not torch.allclose(again["loss_mask_dice_dn"], losses["loss_mask_dice_dn"])
     torch.testing.assert_close(again["loss_cls_dn"], losses["loss_cls_dn"])

@@ -19,32 +19,25 @@ sampling (softmax, locations, sampling and ReLU at every pixel in one pass) and
 locations formed inside the kernel; :class:`MSDeformAttn` with point references).
 """
 
-import contextlib
-import threading
 from typing import Callable, Optional
 
 import torch
 
 from ..cpu_inference import compiler_flag, plain_inference_active
+from ..thread_flag import ThreadFlag
 from . import extension
 from .op import ms_deform_attn_compiled
 from .pytorch import ms_deform_attn_pytorch_any
 
 __all__ = ["force_pytorch", "mask_head_kernel", "ms_deform_attn", "offsets_kernel", "route"]
 
-_LOCAL = threading.local()
+_FORCE_PYTORCH = ThreadFlag()
 
 
-@contextlib.contextmanager
 def force_pytorch(enabled: bool = True):
-    """Within this context (in this thread), ``ms_deform_attn(..., impl="auto")`` and
+    """A context within which (in this thread) ``ms_deform_attn(..., impl="auto")`` and
     :class:`MSDeformAttn` use the pure-PyTorch path even where ``soit._C`` could run."""
-    previous = getattr(_LOCAL, "force_pytorch", False)
-    _LOCAL.force_pytorch = enabled
-    try:
-        yield
-    finally:
-        _LOCAL.force_pytorch = previous
+    return _FORCE_PYTORCH.set(enabled)
 
 
 def route(value: torch.Tensor, impl: str) -> str:
@@ -61,7 +54,7 @@ def route(value: torch.Tensor, impl: str) -> str:
         return "kernel"
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'pytorch' or 'kernel', got {impl!r}")
-    if getattr(_LOCAL, "force_pytorch", False) or torch.jit.is_scripting():
+    if _FORCE_PYTORCH or torch.jit.is_scripting():
         return "pytorch"
     # ONNX and torch.export graphs hold standard operators only (grid_sample)
     if torch.onnx.is_in_onnx_export() or compiler_flag("is_exporting"):

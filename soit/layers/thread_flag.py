@@ -1,0 +1,26 @@
+"""A per-thread on/off setting with a context manager that restores the previous value."""
+import contextlib
+import threading
+
+__all__ = ["ThreadFlag"]
+
+
+class ThreadFlag:
+    """False until :meth:`set` turns it on in a ``with`` block, in that thread only (other
+    threads, e.g. data-loader workers or a server's request threads, keep their own value).
+    Nested blocks restore the value they found."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return getattr(self._local, "value", False)
+
+    @contextlib.contextmanager
+    def set(self, enabled: bool = True):
+        previous = bool(self)
+        self._local.value = enabled
+        try:
+            yield
+        finally:
+            self._local.value = previous
