@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU validation in one command, for the GPU machine (see docs/benchmarks.md, "GPU").
 #
-# Here, first:   .venv/bin/python tools/device_wheels.py        (fills the ignored .whl/)
+# Here, first:   .venv/bin/python dev/device_wheels.py        (fills the ignored .whl/)
 # There (device tool, carry [".whl"]):   bash scripts/gpu_check.sh [tests] [ops] [models]
 #
 # Installs the carried wheels into /tmp/site, builds soit._C against the machine's own torch
 # (kept while the machine stays warm), then runs the chosen parts (default: all three):
 #   tests   tests/layers, tests/deploy, tests/modeling (the CUDA tests run instead of skipping)
-#   ops     tools/benchmark_ops.py --device cuda
-#   models  tools/benchmark.py --device cuda (SOIT, Mask R-CNN, transformers' Deformable DETR)
+#   ops     dev/benchmark_ops.py --device cuda
+#   models  dev/benchmark.py --device cuda (SOIT, Mask R-CNN, transformers' Deformable DETR)
 # and writes each log under $OUT (the device tool's folder) or output/gpu_check. One device
 # command may run 10 minutes: split the parts over calls if they do not fit.
 set -uo pipefail
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing .whl/ failed: run tools/device_wheels.py here and carry .whl"; exit 1; }
+    || { echo "installing .whl/ failed: run dev/device_wheels.py here and carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
@@ -46,10 +46,10 @@ for part in $parts; do
                 | tee "$OUT/tests.log" | tail -25
             [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
         ops)
-            python3 tools/benchmark_ops.py --device cuda --markdown 2>&1 | tee "$OUT/benchmark_ops.md" | tail -40
+            python3 dev/benchmark_ops.py --device cuda --markdown 2>&1 | tee "$OUT/benchmark_ops.md" | tail -40
             [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
         models)
-            python3 tools/benchmark.py --device cuda --markdown --json "$OUT/benchmark.json" 2>&1 \
+            python3 dev/benchmark.py --device cuda --markdown --json "$OUT/benchmark.json" 2>&1 \
                 | tee "$OUT/benchmark.md" | tail -20
             [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
         *) echo "unknown part $part (tests, ops, models)"; rc=2 ;;

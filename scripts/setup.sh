@@ -45,7 +45,7 @@ else
     stamp_set requirements "$req_hash"
 fi
 
-log "detectron2: $("$VPY" tools/install_detectron2.py 2>&1 | tail -n 1)"
+log "detectron2: $("$VPY" dev/install_detectron2.py 2>&1 | tail -n 1)"
 
 ext_hash=$( (cat setup.py pyproject.toml; find soit/layers/csrc -type f 2>/dev/null | sort | xargs -r cat; echo "${SOIT_NO_EXT:-0}") | sha256sum | cut -d' ' -f1)
 if stamp_ok soit "$ext_hash" && "$VPY" -c "import soit" 2>/dev/null; then

@@ -163,12 +163,13 @@ def check_registration(register, root, names, num_images, num_instances, elsewhe
                 MetadataCatalog.remove(name)
 
 
-def load_tool(name):
-    """The module of ``tools/<name>.py`` (e.g. "demo", "deploy/export_model"), imported once
-    by file path: tools are scripts, not a package."""
-    module_name = "soit_tool_" + name.replace("/", "_")
+def load_tool(name, folder="tools"):
+    """The module of ``<folder>/<name>.py`` (e.g. "demo", "deploy/export_model"; ``folder``
+    "dev" for the developer tools), imported once by file path: tools are scripts, not a
+    package."""
+    module_name = f"soit_{folder}_" + name.replace("/", "_")
     if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO, "tools", f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(REPO, folder, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)

@@ -1,4 +1,4 @@
-"""tools/benchmark.py on the CPU: SOIT and detectron2's Mask R-CNN measured in one run."""
+"""dev/benchmark.py on the CPU: SOIT and detectron2's Mask R-CNN measured in one run."""
 import json
 import os
 import subprocess
@@ -14,7 +14,7 @@ def test_benchmark_measures_soit_and_mask_rcnn(tmp_path):
     args += ["--warmup", "0", "--throughput-batch", "0", "--train-runs", "1", "--markdown", "--json", str(out)]
     args += ["--stages", "1"]
     res = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), *args], capture_output=True, text=True, cwd=REPO
+        [sys.executable, os.path.join(REPO, "dev", "benchmark.py"), *args], capture_output=True, text=True, cwd=REPO
     )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -37,7 +37,7 @@ def test_benchmark_measures_soit_and_mask_rcnn(tmp_path):
 
 def test_benchmark_rejects_unknown_models():
     res = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--device", "cpu", "--models", "yolo"],
+        [sys.executable, os.path.join(REPO, "dev", "benchmark.py"), "--device", "cpu", "--models", "yolo"],
         capture_output=True,
         text=True,
     )

@@ -1,4 +1,4 @@
-"""tools/benchmark_scale.py: the drawn test cases, and one tiny run end to end on the nuclei split."""
+"""dev/benchmark_scale.py: the drawn test cases, and one tiny run end to end on the nuclei split."""
 import argparse
 import json
 import os
@@ -8,11 +8,11 @@ import sys
 import pytest
 from conftest import QUICKSTART, REPO, load_tool, register_coco_replacing
 
-TOOL = os.path.join(REPO, "tools", "benchmark_scale.py")
+TOOL = os.path.join(REPO, "dev", "benchmark_scale.py")
 
 
 def test_drawn_factors_are_reproducible_log_uniform_and_sorted():
-    tool = load_tool("benchmark_scale")
+    tool = load_tool("benchmark_scale", "dev")
     factors = tool.draw_factors(8, seed=0)
     assert factors == tool.draw_factors(8, seed=0) == sorted(factors)
     assert factors != tool.draw_factors(8, seed=1)
@@ -23,7 +23,7 @@ def test_drawn_factors_are_reproducible_log_uniform_and_sorted():
 
 
 def test_crop_size_is_the_training_crop_unless_given():
-    tool = load_tool("benchmark_scale")
+    tool = load_tool("benchmark_scale", "dev")
     cfg = tool.bsd.load_soit_config({"config": QUICKSTART, "overrides": []})
     assert tool.crop_size_of(cfg, argparse.Namespace(crop_size=0)) == 256  # its RandomCrop
     assert tool.crop_size_of(cfg, argparse.Namespace(crop_size=300)) == 300
@@ -33,7 +33,7 @@ def test_crops_cover_the_held_out_tile_with_their_ground_truth(nuclei, tmp_path)
     import numpy as np
     from PIL import Image
 
-    tool = load_tool("benchmark_scale")
+    tool = load_tool("benchmark_scale", "dev")
     name = register_coco_replacing("benchmark_scale_test_val", nuclei["val_json"], nuclei["image_root"])
     whole = np.asarray(Image.open(os.path.join(nuclei["image_root"], "bottom_right.png")))
     assert whole.shape[:2] == (512, 512)
@@ -59,7 +59,7 @@ def test_tiny_run_writes_a_row_per_case_and_every_seed(nuclei, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    factors = load_tool("benchmark_scale").draw_factors(2, seed=3)
+    factors = load_tool("benchmark_scale", "dev").draw_factors(2, seed=3)
     assert f"magnifications (factor seed 3): {factors}" in res.stdout
 
     results = json.loads((out / "results.json").read_text())
@@ -79,7 +79,7 @@ def test_tiny_run_writes_a_row_per_case_and_every_seed(nuclei, tmp_path):
     assert run["timing"]["default_s"] > 0 and run["timing"]["plain_s"] > 0
 
     table = (out / "results.md").read_text()
-    assert table.strip() in res.stdout and "python tools/benchmark_scale.py --data-root" in table
+    assert table.strip() in res.stdout and "python dev/benchmark_scale.py --data-root" in table
     segm = table.split("Box AP")[0]
     for name in names:  # one row per case in each table
         assert segm.count(f"| {name} |") == 1 and table.count(f"| {name} |") == 2

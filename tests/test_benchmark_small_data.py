@@ -1,4 +1,4 @@
-"""tools/benchmark_small_data.py end to end on a COCO train/test pair given as files."""
+"""dev/benchmark_small_data.py end to end on a COCO train/test pair given as files."""
 import json
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 from conftest import REPO
 
-TOOL = os.path.join(REPO, "tools", "benchmark_small_data.py")
+TOOL = os.path.join(REPO, "dev", "benchmark_small_data.py")
 
 
 def test_benchmark_trains_soit_and_mask_rcnn_and_prints_tables(nuclei, tmp_path):

@@ -1,4 +1,4 @@
-"""tools/criterion_memory.py: the loss phase's peak memory per config, each row in its own process."""
+"""dev/criterion_memory.py: the loss phase's peak memory per config, each row in its own process."""
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ def test_rows_report_memory_and_the_masks_they_predict(tmp_path):
             "--row", "extra_points", "model.transformer.num_queries_one2many=40", DN,
             "model.criterion.extra_mask_loss_points=16", "model.criterion.extra_mask_loss_layers=1"]  # fmt: skip
     res = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "criterion_memory.py"), *args],
+        [sys.executable, os.path.join(REPO, "dev", "criterion_memory.py"), *args],
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -33,7 +33,7 @@ def test_rows_report_memory_and_the_masks_they_predict(tmp_path):
 
 def test_a_failing_row_is_named(tmp_path):
     res = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "criterion_memory.py"), "--config",
+        [sys.executable, os.path.join(REPO, "dev", "criterion_memory.py"), "--config",
          "configs/quickstart/soit_nuclei_cpu.py", "--size", "64", "64", "--objects", "2", "--row", "bad",
          "model.criterion.no_such_option=1"],
         capture_output=True, text=True, cwd=REPO,

@@ -1,4 +1,4 @@
-"""tools/device_wheels.py: the wheels the GPU machine lacks, one version each, installable
+"""dev/device_wheels.py: the wheels the GPU machine lacks, one version each, installable
 without an index into a target folder that then provides detectron2 and its needs."""
 import glob
 import os
@@ -7,7 +7,7 @@ import sys
 
 from conftest import REPO
 
-TOOL = os.path.join(REPO, "tools", "device_wheels.py")
+TOOL = os.path.join(REPO, "dev", "device_wheels.py")
 
 
 def test_device_wheels_install_into_a_target_and_import(tmp_path):

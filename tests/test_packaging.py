@@ -75,7 +75,7 @@ def test_wheel_ships_configs_and_installed_package_uses_them(tmp_path):
     check = (
         "import numpy as np, torch, soit, soit.model_zoo as z\n"
         "from detectron2.config import instantiate\n"
-        "from soit.checkpoint.convert import _default_config_file, convert_checkpoint\n"
+        "from soit.checkpoint.official import _default_config_file, convert_checkpoint\n"
         "from soit.engine import Predictor\n"
         "print(soit.__file__)\n"
         "print(z.configs_root())\n"

@@ -110,8 +110,6 @@ def prepare_hela(
         (``{"train": 147, "val": 69}`` for frame 19) and ``skipped`` (True when nothing was
         redone).
     """
-    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
-        raise ValueError(f"scale must be a positive integer (the tile upscaling factor), got {scale!r}")
     if not isinstance(frame, int) or isinstance(frame, bool) or not 0 <= frame < STACK_SHAPE[0]:
         raise ValueError(f"frame must be an integer in 0..{STACK_SHAPE[0] - 1}, got {frame!r}")
     expected_sha256 = dict(expected_sha256 or HELA_SHA256)

@@ -86,8 +86,6 @@ def prepare_nuclei(
         dict with ``train_json``, ``val_json``, ``image_root``, ``num_instances``
         (``{"train": 108, "val": 29}``) and ``skipped`` (True when nothing was redone).
     """
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive integer (the tile upscaling factor), got {scale!r}")
     expected_sha256 = dict(expected_sha256 or NUCLEI_SHA256)
     cache_dir = cache_dir or os.path.join(root, ".download")
     manifest = {

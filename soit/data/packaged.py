@@ -162,6 +162,8 @@ def prepare_tiled_dataset(
     ``images/<name>.png`` and its COCO entries (upscaled by ``scale``), the tile
     ``val_tile`` in the val split and the others in train; then the JSON files and, last,
     the manifest. Returns what the ``prepare_*`` functions return."""
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale must be a positive integer (the tile upscaling factor), got {scale!r}")
     outputs = split_files(root)
     manifest_path = os.path.join(root, "manifest.json")
     pngs = [os.path.join(outputs["image_root"], f"{name}.png") for name in windows]

@@ -208,7 +208,7 @@ class SOIT(nn.Module):
             )
         self.reference_size = reference_size
         self.reference_parts = tuple(reference_parts)
-        if denoising is not None and not two_stage:
+        if denoising is not None and not (two_stage and transformer.two_stage):
             raise ValueError("denoising queries need two_stage=True (their positions are embedded as the proposals')")
         self.denoising = denoising
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)

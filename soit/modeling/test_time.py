@@ -22,7 +22,7 @@ from detectron2.structures import Boxes, Instances
 from .auto_scale import auto_scale_predict
 from .postprocessing import detections_at_output_size, instances_at_input_size, select_detections
 from .query_selection import TooFewTokensError
-from .scale_search import check_test_scales, rescale_input, select_scale
+from .scale_search import rescale_input, select_scale
 from .tiling import TileDetections, paste_masks, tiled_predict
 
 __all__ = ["uses_driver", "predict", "predict_one", "predict_untiled", "predict_tiled", "predict_scale_search"]
@@ -134,7 +134,7 @@ def predict_scale_search(model, x: Dict) -> Instances:
     tiles), the most confident kept (``soit.modeling.scale_search``). A factor that makes the
     image too small for the model is skipped (logged); too small at every factor is an error."""
     candidates, error = [], None
-    for factor in check_test_scales(model.test_scales, model.test_scale_top_k):
+    for factor in model.test_scales:  # checked when the model was built
         try:
             candidates.append(predict_one(model, rescale_input(x, factor)))
         except TooFewTokensError as e:

@@ -249,7 +249,7 @@ class DeformableTransformer(nn.Module):
                 memory, masks, padding, cls_branches, reg_branches, scale_for, centre_scale, denoising
             )
         else:
-            query, query_pos, reference, out = self.learned_queries(memory.shape[0], denoising)
+            query, query_pos, reference, out = self.learned_queries(memory.shape[0])
 
         hs, references = self.decoder(
             query, query_pos, reference, memory, spatial_shapes, level_start_index, valid_ratios, padding,
@@ -316,11 +316,9 @@ class DeformableTransformer(nn.Module):
             reference = torch.cat([denoising["reference"], reference], 1)
         return query, query_pos, reference, {"enc_outputs_class": enc_class, "enc_outputs_coord": enc_coord_unact.sigmoid()}
 
-    def learned_queries(self, n: int, denoising=None):
+    def learned_queries(self, n: int):
         """Single-stage queries: learned content and positions, reference points from the
-        positions (Deformable DETR)."""
-        if denoising is not None:
-            raise ValueError("denoising queries need two_stage=True (their positions are embedded as the proposals')")
+        positions (Deformable DETR). Denoising queries need two-stage (``SOIT`` checks)."""
         query_pos, query = torch.split(self.query_embedding.weight, self.embed_dim, dim=1)
         query_pos = query_pos[None].expand(n, -1, -1)
         return query[None].expand(n, -1, -1), query_pos, self.reference_points(query_pos).sigmoid(), {}

@@ -308,7 +308,7 @@ def test_export_tool_resizes_the_sample_like_evaluation(sample_image):
 
 
 def test_benchmark_export_runs_and_checks_the_exports():
-    tool = os.path.join(REPO, "tools", "benchmark_export.py")
+    tool = os.path.join(REPO, "dev", "benchmark_export.py")
     args = ["--config-file", "configs/models/soit_tiny.py", "--input-size", "96", "128", "--runs", "1", "--markdown"]
     res = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -113,8 +113,8 @@ def _entry_points(tmp_path, capsys):
     """name -> function(config path) -> the text of the refusal (raises if it was accepted)."""
     demo, export_model = load_tool("demo"), load_tool("deploy/export_model")
     convert, analyze = load_tool("convert_official"), load_tool("analyze_model")
-    benchmark_export, criterion_memory = load_tool("benchmark_export"), load_tool("criterion_memory")
-    small_data, quickstart = load_tool("benchmark_small_data"), load_tool("quickstart")
+    benchmark_export, criterion_memory = load_tool("benchmark_export", "dev"), load_tool("criterion_memory", "dev")
+    small_data, quickstart = load_tool("benchmark_small_data", "dev"), load_tool("quickstart")
     image = str(tmp_path / "image.png")  # never read: the config is refused first
     Image.new("RGB", (64, 64)).save(image)
     fresh = (str(tmp_path / f"out{i}") for i in itertools.count())  # a new output folder for every call

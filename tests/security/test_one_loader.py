@@ -21,7 +21,7 @@ UNSAFE_IMPORTS = {(module, name) for module, name in UNSAFE_CALLS} | {("yaml", "
 
 
 def python_files():
-    for top in ("soit", "tools"):
+    for top in ("soit", "tools", "dev"):
         for folder, _, files in os.walk(os.path.join(REPO, top)):
             yield from (os.path.join(folder, f) for f in files if f.endswith(".py"))
     yield os.path.join(REPO, "train_net.py")

@@ -22,20 +22,18 @@ locations and weights and write the output, and the backward must read value, lo
 weights and the output gradient and write the three input gradients (all in their own dtypes).
 
 Examples:
-    python tools/benchmark_ops.py                              # CUDA when present, else CPU
-    python tools/benchmark_ops.py --device cpu --threads 1,2
-    python tools/benchmark_ops.py --device cuda --dtypes fp32,bf16 --markdown
+    python dev/benchmark_ops.py                              # CUDA when present, else CPU
+    python dev/benchmark_ops.py --device cpu --threads 1,2
+    python dev/benchmark_ops.py --device cuda --dtypes fp32,bf16 --markdown
 """
 
 import argparse
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 
 import torch
-
 
 from soit.layers.ms_deform_attn import (  # noqa: E402
     extension_status,
@@ -43,6 +41,9 @@ from soit.layers.ms_deform_attn import (  # noqa: E402
     ms_deform_attn,
     ms_deform_attn_pytorch_gather,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other dev/ modules
+from bench_timing import median_time  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 FULL_LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
@@ -124,31 +125,12 @@ def implementations(device):
     return impls
 
 
-class Timer:
-    def __init__(self, device):
-        self.device = device
-
-    def __call__(self, fn, warmup, iters):
-        for _ in range(warmup):
-            fn()
-        times = []
-        if self.device == "cuda":
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+def timer(device):
+    """Median milliseconds of ``iters`` calls of a function after ``warmup`` calls."""
+    return lambda fn, warmup, iters: 1e3 * median_time(fn, iters, warmup, device)[0]
 
 
-def bench_one(impl, inputs, timer, warmup, iters, backward):
+def bench_one(impl, inputs, time_ms, warmup, iters, backward):
     value, ss, lsi, loc, w, vi = inputs
     if not backward:
 
@@ -156,7 +138,7 @@ def bench_one(impl, inputs, timer, warmup, iters, backward):
             with torch.no_grad():
                 impl(value, ss, lsi, loc, w, vi)
 
-        return timer(fwd, warmup, iters)
+        return time_ms(fwd, warmup, iters)
     v, lo, wt = (t.detach().requires_grad_() for t in (value, loc, w))
     grad = None
 
@@ -167,7 +149,7 @@ def bench_one(impl, inputs, timer, warmup, iters, backward):
             grad = torch.randn_like(out)
         torch.autograd.grad(out, (v, lo, wt), grad)
 
-    return timer(fwd_bwd, warmup, iters)
+    return time_ms(fwd_bwd, warmup, iters)
 
 
 def machine_info(device):
@@ -221,7 +203,7 @@ def main(argv=None):
         print(f"# skipping 'kernel': soit._C is {extension_status()}")
         names.remove("kernel")
     specs = shape_specs(size)
-    timer = Timer(device)
+    time_ms = timer(device)
 
     info = machine_info(device)
     print("# " + ", ".join(f"{k}: {v}" for k, v in info.items()))
@@ -247,8 +229,8 @@ def main(argv=None):
                     for nt in threads if device == "cpu" else [None]:
                         if nt is not None:
                             torch.set_num_threads(nt)
-                        fwd = bench_one(all_impls[name], inputs, timer, warmup, iters, backward=False)
-                        both = bench_one(all_impls[name], inputs, timer, warmup, iters, backward=True)
+                        fwd = bench_one(all_impls[name], inputs, time_ms, warmup, iters, backward=False)
+                        both = bench_one(all_impls[name], inputs, time_ms, warmup, iters, backward=True)
                         value, _, _, loc, w, _ = inputs
                         row = dict(
                             shape=shape,

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Collect, into one ignored folder, the wheels the GPU machine lacks to run SOIT's tests.
 
-    python tools/device_wheels.py [--output .whl] [--python-version 3.12]
+    python dev/device_wheels.py [--output .whl] [--python-version 3.12]
 
 The GPU machine has its own PyTorch, torchvision, timm, opencv, onnx and onnxruntime but no
-network. detectron2 (the pure-Python wheel tools/install_detectron2.py builds) and what it
+network. detectron2 (the pure-Python wheel dev/install_detectron2.py builds) and what it
 needs travel as wheels: the pure-Python ones are built here from the versions installed in
 this environment (``pip wheel``, so sdists such as fvcore's become wheels too), pycocotools as
 the CPython wheel for the machine's Python. On the machine:
@@ -53,7 +53,7 @@ def main(argv=None):
 
     detectron2 = sorted(glob.glob(os.path.join(REPO, ".cache", "wheels", "detectron2-*.whl")))
     if not detectron2:
-        raise SystemExit("no detectron2 wheel in .cache/wheels: run tools/install_detectron2.py (scripts/setup.sh)")
+        raise SystemExit("no detectron2 wheel in .cache/wheels: run dev/install_detectron2.py (scripts/setup.sh)")
     wanted = [f"{name}=={installed(name)}" for name in PURE]
     pip("wheel", "--no-deps", "--no-build-isolation", "-w", args.output, *wanted)
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]

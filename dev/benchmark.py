@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Speed and memory of SOIT R-50 beside its peers, measured in one run on the same inputs.
 
-    python tools/benchmark.py --device cuda --markdown                 # the GPU figures
-    python tools/benchmark.py --device cpu --runs 3 --throughput-batch 0 --train-precisions fp32
+    python dev/benchmark.py --device cuda --markdown                 # the GPU figures
+    python dev/benchmark.py --device cpu --runs 3 --throughput-batch 0 --train-precisions fp32
 
 Models (random weights; the counts of work match trained models, see below):
     soit          configs/models/soit_r50.py (300 queries, top-100 masks)
@@ -32,10 +32,12 @@ would.
 """
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other dev/ modules
+from bench_timing import median_time, median_times  # noqa: E402
 
 MODELS = ("soit", "soit_pytorch_attn", "soit_plain", "mask_rcnn", "deformable")
 DEFAULT_MODELS = ("soit", "mask_rcnn", "deformable")
@@ -48,20 +50,6 @@ def sync(device):
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed(fn, device, warmup, runs):
-    """Median seconds of ``runs`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_memory(device, fn):
@@ -264,24 +252,6 @@ class HFDeformableRunner:
 
 
 # ---------------------------------------------------------------------------- measuring
-def interleaved_latency(runners, device, warmup, runs):
-    """Median seconds of ``runs`` batch-1 calls of each runner after ``warmup`` calls, the
-    runners' calls taking turns (a, b, c, a, b, c, ...): a load change on a shared machine
-    then reaches every model alike, and their ratio stays meaningful."""
-    for runner in runners:
-        for _ in range(warmup):
-            runner.infer(1)
-    times = {runner.name: [] for runner in runners}
-    for _ in range(runs):
-        for runner in runners:
-            sync(device)
-            start = time.perf_counter()
-            runner.infer(1)
-            sync(device)
-            times[runner.name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 SOIT_STAGES = ("backbone", "neck", "encoder", "decoder", "mask_encoder", "mask_head", "postprocess")
 
 
@@ -358,7 +328,7 @@ def measure(runner, device, args):
     row["inference_peak_mib"] = peak_memory(device, lambda: runner.infer(1))
     if args.throughput_batch:
         b = args.throughput_batch
-        row["throughput_img_s"] = b / timed(lambda: runner.infer(b), device, 1, max(1, args.runs // 5))
+        row["throughput_img_s"] = b / median_time(lambda: runner.infer(b), max(1, args.runs // 5), 1, device)[0]
     params = [p for p in runner.model.parameters() if p.requires_grad]
     state = {k: v.clone() for k, v in runner.model.state_dict().items()}
     for precision in args.train_precisions:
@@ -380,7 +350,7 @@ def measure(runner, device, args):
                 raise FloatingPointError(f"{runner.name}: non-finite {precision} training loss {loss.item()}")
 
         with EventStorage():  # detectron2's models log training statistics there
-            row[f"train_{precision}_ms"] = 1e3 * timed(step, device, 1, args.train_runs)
+            row[f"train_{precision}_ms"] = 1e3 * median_time(step, args.train_runs, 1, device)[0]
             row[f"train_{precision}_peak_mib"] = peak_memory(device, step)
         runner.model.load_state_dict(state)  # every precision starts from the same weights
     runner.model.eval()
@@ -449,7 +419,9 @@ def main(argv=None):
                 print(f"deformable: skipped, transformers is not installed ({e})")
                 continue
         runners.append(runner)
-    latency = interleaved_latency(runners, device, args.warmup, args.runs)
+    # batch-1 latency, the runners taking turns: their ratio holds on a loaded machine
+    calls = {runner.name: (lambda r=runner: r.infer(1)) for runner in runners}
+    latency = {name: t for name, (t, _) in median_times(calls, args.runs, args.warmup, device).items()}
     rows = []
     for runner in runners:
         rows.append({"latency_ms": 1e3 * latency[runner.name], **measure(runner, device, args)})

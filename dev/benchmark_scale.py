@@ -3,15 +3,15 @@
 against an oracle that knows the best magnification and against Mask R-CNN with detectron2's
 test-time augmentation.
 
-    python tools/benchmark_scale.py --dataset nuclei --seeds 0 1 2 --seconds 300 --save-models
-    python tools/benchmark_scale.py --dataset nuclei --load-models output/benchmark_scale/models
+    python dev/benchmark_scale.py --dataset nuclei --seeds 0 1 2 --seconds 300 --save-models
+    python dev/benchmark_scale.py --dataset nuclei --load-models output/benchmark_scale/models
 
 Test cases are drawn, not chosen: ``--num-factors`` magnifications of the held-out image(s),
 log-uniform in [0.5, 2] from ``--factor-seed`` (predicted, then scored at the original size
 against the original ground truth), and the held-out image(s) cut into non-overlapping
 crops of the training input size and of half of it (a test set of their own, written under
 ``--output``). Per seed, the quick-start SOIT and Mask R-CNN R-18-FPN train for the same
-budget on the same data (``tools/benchmark_small_data.py``), then on every case:
+budget on the same data (``dev/benchmark_small_data.py``), then on every case:
 
 - SOIT as its config ships it (``model.auto_scale``; the model knows its training inputs
   through ``record_training_scale``), with the factors it chose and the looks it took;
@@ -43,15 +43,18 @@ import time
 import numpy as np
 import torch
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other dev/ modules
+from bench_timing import median_times  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 logger = logging.getLogger("soit.benchmark_scale")
 
 
 def _small_data_module():
-    """tools/benchmark_small_data.py (a script, not a package), imported by path."""
-    name = "soit_tool_benchmark_small_data"
+    """dev/benchmark_small_data.py (a script, not a package), imported by path."""
+    name = "soit_dev_benchmark_small_data"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, "benchmark_small_data.py"))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "benchmark_small_data.py"))
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
@@ -95,7 +98,7 @@ def parse_args(argv=None):
         help="evaluate the weights --save-models wrote to DIR (soit_seed<S>.pth, mask_rcnn_seed<S>.pth), no training",
     )  # fmt: skip
     args = p.parse_args(argv)
-    args.command = shlex.join(["python", "tools/benchmark_scale.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "dev/benchmark_scale.py", *(sys.argv[1:] if argv is None else argv)])
     if not os.path.isfile(args.soit_config):
         p.error(f"--soit-config {args.soit_config!r} does not exist")
     if [o for o in args.soit_override if "=" not in o]:
@@ -289,22 +292,6 @@ def tta_model(model, num_classes, args):
     return GeneralizedRCNNWithTTA(cfg, model)
 
 
-def median_seconds(calls, repeats, device):
-    """Median wall time of each of ``calls`` (name -> function), after one warm-up run each;
-    the calls take turns, so that a change in the machine's load hits them alike."""
-    times = {name: [] for name in calls}
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if str(device).startswith("cuda"):
-                    torch.cuda.synchronize()
-                if i:
-                    times[name].append(time.perf_counter() - start)
-    return {name: round(statistics.median(t), 3) for name, t in times.items()}
-
-
 def soit_timing(model, mapper, args):
     """SOIT's default inference against one plain pass (no scale choice, same tiling) on the
     first held-out image at its own size."""
@@ -318,7 +305,8 @@ def soit_timing(model, mapper, args):
 
     calls = {"default_s": lambda: run(*default), "plain_s": lambda: run(False, (1.0,))}
     try:
-        t = median_seconds(calls, args.timing_repeats, args.device)
+        with torch.no_grad():
+            t = {name: round(m, 3) for name, (m, _) in median_times(calls, args.timing_repeats, 1, args.device).items()}
     finally:
         model.auto_scale, model.test_scales = default
     return {**t, "ratio": round(t["default_s"] / t["plain_s"], 2)}
@@ -456,10 +444,7 @@ def main(argv=None):
         runs.append(run_seed(seed, cases, classes, args))
         with open(os.path.join(args.output, "results.json"), "w") as f:
             json.dump({"command": args.command, "dataset": args.dataset, "cases": cases, "runs": runs}, f, indent=2)
-    text = report(args, cases, runs)
-    print(text)
-    with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(text + "\n")
+    bsd.write_report(args.output, report(args, cases, runs))
     return 0
 
 

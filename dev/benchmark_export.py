@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference latency of one model in eager mode, as TorchScript and in onnxruntime.
 
-    python tools/benchmark_export.py --config-file configs/models/soit_r50.py \\
+    python dev/benchmark_export.py --config-file configs/models/soit_r50.py \\
         --input-size 800 1333 --runs 3 --markdown
 
 The model (random weights unless train.init_checkpoint is set) is exported into a temporary
@@ -11,22 +11,14 @@ outputs are compared with eager mode, so a figure is only printed for a correct 
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 from soit.config import add_trust_arguments
 
-
-def timed(fn, runs):
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other dev/ modules
+from bench_timing import median_time  # noqa: E402
 
 
 def main(argv=None):
@@ -63,14 +55,14 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         eager_out = model.inference([{"image": image}], do_postprocess=False)[0]
-        rows.append(("eager (PyTorch)", *timed(lambda: model.inference([{"image": image}], do_postprocess=False), args.runs), None))
+        rows.append(("eager (PyTorch)", *median_time(lambda: model.inference([{"image": image}], do_postprocess=False), args.runs), None))
 
         start = time.perf_counter()
         traced, names = export.export_torchscript(model, image, os.path.join(tmp, "model.ts"))
         ts_export = time.perf_counter() - start
         got = export.instances_from_outputs(traced(image), names)
         diff = export.max_differences(eager_out, got)
-        rows.append(("TorchScript", *timed(lambda: traced(image), args.runs), (ts_export, diff)))
+        rows.append(("TorchScript", *median_time(lambda: traced(image), args.runs), (ts_export, diff)))
 
         start = time.perf_counter()
         path = os.path.join(tmp, "model.onnx")
@@ -83,7 +75,7 @@ def main(argv=None):
         feed = {export.INPUT_NAME: image.numpy()}
         got = export.instances_from_outputs(session.run(None, feed), names)
         diff = export.max_differences(eager_out, got)
-        rows.append(("onnxruntime (CPU)", *timed(lambda: session.run(None, feed), args.runs), (onnx_export, diff)))
+        rows.append(("onnxruntime (CPU)", *median_time(lambda: session.run(None, feed), args.runs), (onnx_export, diff)))
 
     print(f"{args.config_file} at {h}x{w}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
           f"{torch.get_num_threads()} threads, {args.runs} runs (median)")  # fmt: skip

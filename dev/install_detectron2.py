@@ -15,7 +15,7 @@ whose Python sources are those of the detectron2 v0.6 release, without the C++/C
 5. builds a wheel named ``detectron2`` (kept in ``--wheel-dir`` so it can be carried to
    another machine) and installs it with pip.
 
-Usage: python tools/install_detectron2.py [--force] [--sdist PATH] [--wheel-dir DIR]
+Usage: python dev/install_detectron2.py [--force] [--sdist PATH] [--wheel-dir DIR]
 """
 import argparse
 import hashlib
@@ -83,7 +83,7 @@ NUMPY_ALIAS = (re.compile(r"\bnp\.(bool|int|float|object|str)\b(?!_)"), r"\1")
 PLACEHOLDER_C = '''\
 """Placeholder for detectron2's compiled ops.
 
-This detectron2 was installed from its Python sources only (``tools/install_detectron2.py``
+This detectron2 was installed from its Python sources only (``dev/install_detectron2.py``
 of the SOIT project), without the C++/CUDA extension. Everything that is pure Python works;
 calling one of the compiled ops raises an error that names it.
 """

@@ -2,8 +2,8 @@
 """Peak memory and time of SOIT's training losses (mask head on the matched queries, matching,
 class/box/mask losses, with the autograd graph they keep for the backward pass), per config.
 
-    python tools/criterion_memory.py
-    python tools/criterion_memory.py --size 800 1333 --objects 50 --row paper \\
+    python dev/criterion_memory.py
+    python dev/criterion_memory.py --size 800 1333 --objects 50 --row paper \\
         --row hybrid_dn model.transformer.num_queries_one2many=1500 \\
             "model.denoising={_target_:soit.modeling.DenoisingQueries,num_classes:80,embed_dim:256}" \\
             model.criterion.extra_mask_loss_points=3136 model.criterion.extra_mask_loss_layers=1

@@ -3,11 +3,11 @@
 the same split with the same data pipeline and the same wall-clock budget, for several
 seeds, evaluated with COCOEvaluator on a held-out set (optionally at other test scales).
 
-    python tools/benchmark_small_data.py --seconds 300 --seeds 0 1 2 --test-scales 0.5 1 2
-    python tools/benchmark_small_data.py --soit paper=configs/quickstart/soit_nuclei_cpu.py \\
+    python dev/benchmark_small_data.py --seconds 300 --seeds 0 1 2 --test-scales 0.5 1 2
+    python dev/benchmark_small_data.py --soit paper=configs/quickstart/soit_nuclei_cpu.py \\
         --soit tiled=configs/quickstart/soit_nuclei_cpu.py model.tile_size=256
-    python tools/benchmark_small_data.py --dataset hela --seconds 300
-    python tools/benchmark_small_data.py --train-json a.json --train-images imgs/ \\
+    python dev/benchmark_small_data.py --dataset hela --seconds 300
+    python dev/benchmark_small_data.py --train-json a.json --train-images imgs/ \\
         --test-json b.json --test-images imgs/ --seconds 600
 
 Every model trains from scratch (no pretrained weights) on the CPU by default. The data
@@ -374,11 +374,15 @@ def main(argv=None):
                 del variant
             with open(os.path.join(args.output, "results.json"), "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, f, indent=2)
-    text = tables(results, args.test_scales, args.seeds)
-    print(text)
-    with open(os.path.join(args.output, "results.md"), "w") as f:
-        f.write(text + "\n")
+    write_report(args.output, tables(results, args.test_scales, args.seeds))
     return 0
+
+
+def write_report(output, text):
+    """Print the tables and write them to ``output/results.md``."""
+    print(text)
+    with open(os.path.join(output, "results.md"), "w") as f:
+        f.write(text + "\n")
 
 
 if __name__ == "__main__":
