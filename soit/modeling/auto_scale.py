@@ -10,8 +10,9 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    estimate can be trusted: a model shown objects larger than it knows cuts each into
    pieces of the size it knows (docs/scale.md), so the sizes it reports there say nothing;
    shown smaller objects it finds fewer, but at their own size. Where the objects look less
-   than half the trained size (or nothing is found), look again at twice the magnification,
-   up to the image's own size.
+   than half the trained size, or nothing is found, or fewer than three objects are found
+   at other than the trained size (they may be the few large enough to see among many too
+   small at this look), look again at twice the magnification, up to the image's own size.
 2. **Choose** the factor that brings the measured median to the trained median, continuously
    (no grid). If that factor lies within the trained sizes' own spread of 1 (half their
    interquartile range in log size, at least 10 %), the image is predicted at its own size:
@@ -39,6 +40,7 @@ __all__ = ["auto_scale_predict", "check_first_look"]
 logger = logging.getLogger(__name__)
 
 MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
+MIN_OBJECTS = 3  # fewer found at a look make its median a weak estimate
 
 
 def check_first_look(first_look) -> float:
@@ -87,9 +89,16 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
     factor, estimate = first_look, None
     while True:
         inst = look(factor)
-        estimate = estimate_object_size(inst, factor * per_output_pixel) if inst is not None else None
-        if estimate is not None and estimate.log_median >= trained - math.log(2):
-            break
+        found = estimate_object_size(inst, factor * per_output_pixel) if inst is not None else None
+        if found is not None:
+            estimate, measured_at = found, factor
+            # trusted: objects not too small to be seen, and either enough of them or seen at
+            # the trained size (then this look confirms itself). A few objects that look
+            # larger than trained may be the only ones visible among many too small to see
+            # at this look (a photo of people and bottles at half size): look closer
+            at_trained_size = abs(found.log_median - trained) <= tol
+            if found.log_median >= trained - math.log(2) and (found.count >= MIN_OBJECTS or at_trained_size):
+                break
         if inst is None and factor < MAX_FACTOR:  # too small for the model: magnify, past 1x if need be
             factor = min(MAX_FACTOR, 2 * factor)
         elif factor < 1:
@@ -100,12 +109,12 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
     if estimate is None:
         target = max(1.0, max((f for f, inst in looks.items() if inst is not None), default=1.0))
         notes.append(f"no confident detection at any look: predicted at {target:.3g}x")
-    else:
-        target = factor * math.exp(trained - estimate.log_median)
+    else:  # the last look that found something
+        target = measured_at * math.exp(trained - estimate.log_median)
         if abs(math.log(target)) <= tol:
             target = 1.0  # the objects already have sizes the model knows
-        if estimate.count < 3:
-            notes.append(f"only {estimate.count} object(s) to measure at {factor:.3g}x")
+        if estimate.count < MIN_OBJECTS:
+            notes.append(f"only {estimate.count} object(s) to measure at {measured_at:.3g}x")
         if estimate.log_half_spread > training_scale.log_half_spread + tol:  # no one factor suits them all
             notes.append(
                 f"objects of very different sizes (log-size half spread {estimate.log_half_spread:.2f}, "

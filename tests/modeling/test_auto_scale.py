@@ -100,6 +100,29 @@ def test_small_objects_are_looked_at_again_and_magnified():
     assert out["scale"]["factor"] == pytest.approx(40 / 12, rel=0.02)
 
 
+def test_a_few_large_objects_seen_at_the_first_look_are_not_trusted_alone():
+    """A photo at the trained magnification holding one large object among many of the
+    trained size: at half size only the large one is large enough to be found. One object
+    that does not look the trained size is no estimate: look closer, where all are found."""
+
+    class Photo(FakeDetector):
+        def __call__(self, x):
+            f = x["image"].shape[-1] / self.side
+            self.factors.append(f)
+            sizes = [s for s in [120.0] + [40.0] * 18 if f * s >= 0.6 * 40]  # found whole, or not at all
+            inst = Instances((self.side, self.side))
+            s = torch.tensor(sizes, dtype=torch.float32)
+            at = torch.full_like(s, 2.0)
+            inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
+            inst.scores = torch.full_like(s, 0.9)
+            inst.pred_classes = torch.zeros(len(sizes), dtype=torch.long)
+            return inst
+
+    out = auto_scale_predict(_input(), Photo(40.0, 19), TRAINED)
+    assert out["scale"]["looks"] == [0.5, 1.0] and out["scale"]["factor"] == 1.0
+    assert out["scale"]["note"] == ""
+
+
 def test_nothing_found_predicts_at_the_image_size_and_says_so(caplog):
     class Empty(FakeDetector):
         def __call__(self, x):
