@@ -13,6 +13,12 @@ train = dict(
     device="cuda",
     seed=0,  # data order and initialisation; -1 for a random seed
     clip_grad_norm=0.1,  # full-model gradient clipping (official recipe)
+    # micro-batches per optimizer step: the effective batch is dataloader.train.total_batch_size
+    # times this; an iteration (max_iter, schedules, checkpoints, logs) is an optimizer step
+    grad_accum_steps=1,
+    # a step with a non-finite loss or gradient is skipped (logged with its images); this many
+    # in a row stop the run
+    max_nonfinite_steps=5,
     best_metric="segm/AP",  # keep model_best.pth by this metric ("" to disable)
     model_ema=dict(enabled=False, decay=0.9998),
     # training samples mapped when training starts to record the inputs' object sizes and input

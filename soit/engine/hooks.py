@@ -57,6 +57,8 @@ class ModelEMA(HookBase):
 
     @torch.no_grad()
     def after_step(self):
+        if getattr(self.trainer, "last_step_skipped", False):  # the weights did not change
+            return
         for ema, cur in zip(self.shadow.state_dict().values(), self._model.state_dict().values()):
             if ema.dtype.is_floating_point:
                 ema.mul_(self.decay).add_(cur.detach(), alpha=1 - self.decay)

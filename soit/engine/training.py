@@ -27,7 +27,7 @@ from ..data.metadata import dataset_metadata, register_coco_once
 from ..data.samplers import ResumableTrainingSampler
 from ..modeling.object_scale import measure_training_scale
 from .hooks import ModelEMA, RNGState
-from .trainer import SOITTrainer
+from .trainer import NonFiniteTrainingError, SOITTrainer
 
 __all__ = [
     "argument_parser",
@@ -168,6 +168,8 @@ def do_train(args, cfg):
         optimizer,
         precision=cfg.train.amp.precision if cfg.train.amp.enabled else "fp32",
         clip_grad_norm=cfg.train.clip_grad_norm,
+        grad_accum_steps=cfg.train.get("grad_accum_steps", 1),
+        max_nonfinite_steps=cfg.train.get("max_nonfinite_steps", 5),
     )
     checkpointer.add_checkpointable("trainer", trainer)
     eval_model = ema.shadow if ema is not None else model
@@ -192,7 +194,10 @@ def do_train(args, cfg):
         start_iter = trainer.iter + 1
     else:  # what this training shows the model; a resumed run read it from its checkpoint
         record_training_scale(cfg, [getattr(model, "module", model), ema.shadow if ema is not None else None], dataset)
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except NonFiniteTrainingError as e:  # the checkpoints written so far hold finite weights
+        raise SystemExit(str(e)) from e
     trainer.checkpointer = checkpointer  # what was saved, for callers that inspect the run
     return trainer
 
