@@ -175,3 +175,10 @@ def test_fp16_gradient_scaler_skips_are_counted_and_logged(caplog):
         assert trainer.last_step_skipped and trainer.amp_skipped_steps == 1 and trainer.skipped_steps == 0
         assert trainer.storage.latest()["amp_skipped_steps"][0] == 1
     assert "GradScaler skipped the step" in caplog.text
+
+
+def test_the_quick_start_trains_with_accumulation(blobs, tmp_path):  # noqa: F811
+    trainer = run(make_cfg(tmp_path / "run", 3, blobs, ["train.grad_accum_steps=2"]))
+    assert trainer.iter == 3 and trainer.grad_accum_steps == 2
+    assert trainer.skipped_steps == 0
+    assert os.path.isfile(tmp_path / "run" / "model_final.pth")
