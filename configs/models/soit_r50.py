@@ -77,6 +77,11 @@ model = L(SOIT)(
     # denoising queries with masks (DN-DETR / DINO / Mask DINO): None = off (the paper), or
     # L(DenoisingQueries)(num_classes="${..num_classes}", embed_dim="${..embed_dim}", groups=5)
     denoising=None,
+    # training memory (projects/SOIT/README.md): parts recomputed in the backward pass instead
+    # of keeping their activations, any of "backbone", "encoder", "mask_encoder", "decoder",
+    # "mask_head"; and the deformable attention's sampling in float32 under autocast
+    activation_checkpointing=[],
+    attention_fp32=False,
     num_classes=80,
     # the official model takes RGB with torchvision's ImageNet statistics
     pixel_mean=[123.675, 116.28, 103.53],

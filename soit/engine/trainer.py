@@ -164,7 +164,7 @@ class SOITTrainer(SimpleTrainer):
                 f"training stopped: {self.consecutive_skips} steps in a row had a non-finite loss or gradient "
                 f"(train.max_nonfinite_steps={self.max_nonfinite_steps}); the last one: {message}. The weights "
                 "are those of the last finite step; lower the learning rate, check the data named above, or "
-                "train in fp32"
+                "train in fp32 or with model.attention_fp32=True"
             )
 
     def state_dict(self):

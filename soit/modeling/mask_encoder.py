@@ -7,6 +7,7 @@ instance-aware transformer reads.
 import torch
 from torch import nn
 
+from .activation_checkpointing import maybe_checkpoint
 from .transformer_layers import DeformableEncoderLayer, encoder_reference_points, reset_attention_parameters
 
 __all__ = ["MaskEncoder"]
@@ -43,6 +44,7 @@ class MaskEncoder(nn.Module):
         )
         self.proj = nn.Linear(embed_dim, mask_channels)
         self.norm = nn.LayerNorm(mask_channels)
+        self.checkpoint = False  # activation checkpointing of each layer in training
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -75,6 +77,9 @@ class MaskEncoder(nn.Module):
             level_start_index = spatial_shapes.new_zeros(1)
             mask_flat = padding_mask.flatten(1)
             for layer in self.layers:
-                src = layer(src, pos, reference_points, spatial_shapes, level_start_index, mask_flat)
+                src = maybe_checkpoint(
+                    self.checkpoint and self.training, layer, src, pos, reference_points, spatial_shapes,
+                    level_start_index, mask_flat,
+                )  # fmt: skip
         out = self.norm(self.proj(src))  # (N, h*w, C_mask)
         return out.transpose(1, 2).reshape(n, self.mask_channels, h, w)

@@ -20,6 +20,9 @@ from torch import nn
 from soit.layers import ms_deform_attn
 from soit.layers.ms_deform_attn import mask_head_kernel
 from soit.layers.position_encoding import sine_embedding, valid_extent
+from soit.layers.precision import fp32_under_autocast
+
+from .activation_checkpointing import maybe_checkpoint
 
 __all__ = [
     "InstanceAwareMaskHead",
@@ -179,7 +182,12 @@ class InstanceAwareMaskHead(nn.Module):
         pos_encoding: "relative" (eq. 4, centred on each instance's box), "absolute"
             (same encoding without the centre) or "none".
         temperature: sine-encoding temperature.
+
+    ``attention_fp32`` (set by ``SOIT(attention_fp32=True)``): the generated layer runs in
+    float32 under autocast.
     """
+
+    attention_fp32 = False
 
     def __init__(self, mask_channels=8, num_heads=4, num_points=4, pos_encoding="relative", temperature=10000.0):
         super().__init__()
@@ -200,6 +208,7 @@ class InstanceAwareMaskHead(nn.Module):
         self.num_points = num_points
         self.pos_encoding = pos_encoding
         self.temperature = temperature
+        self.checkpoint = False  # activation checkpointing of the instances' layer in training
 
     @property
     def num_dynamic_params(self):
@@ -280,6 +289,15 @@ class InstanceAwareMaskHead(nn.Module):
         value = mask_feats.masked_fill(mask_padding[:, None], 0.0)
         value = value.flatten(2).transpose(1, 2).reshape(B, h * w, M, C // M)
 
+        logits = maybe_checkpoint(
+            self.checkpoint and self.training, self._full_map, mask_feats, mask_padding, value, p, centers,
+            batch_index, coordinate_scale,
+        )  # fmt: skip
+        return logits.view(n, h, w)
+
+    def _full_map(self, mask_feats, mask_padding, value, p, centers, batch_index, coordinate_scale):
+        """(n, h * w) logits: every pixel of the padded map is a query."""
+        h, w = mask_feats.shape[-2:]
         # the query keeps F_mask in the padding, as the released model does
         z = mask_feats[batch_index]
         pe = self.position_encoding(mask_padding, centers, batch_index, coordinate_scale)
@@ -291,7 +309,7 @@ class InstanceAwareMaskHead(nn.Module):
         ys = (torch.arange(h, device=z.device, dtype=z.dtype) + 0.5) / h
         xs = (torch.arange(w, device=z.device, dtype=z.dtype) + 0.5) / w
         ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, h * w, 2)
-        return self._attend(mask_feats, value, z, ref, p, batch_index, at_pixels=True).view(n, h, w)
+        return self._attend(mask_feats, value, z, ref, p, batch_index, at_pixels=True)
 
     def forward_at_points(self, mask_feats, mask_padding, dyn_params, centers, batch_index, points, coordinate_scale=None):
         """Mask logits of n instances at P points each, without the full map (PointRend-style
@@ -318,6 +336,13 @@ class InstanceAwareMaskHead(nn.Module):
         M = self.num_heads
         value = mask_feats.masked_fill(mask_padding[:, None], 0.0)
         value = value.flatten(2).transpose(1, 2).reshape(B, h * w, M, C // M)
+        return maybe_checkpoint(
+            self.checkpoint and self.training, self._at_points, mask_feats, mask_padding, value, p, centers,
+            batch_index, points, coordinate_scale,
+        )  # fmt: skip
+
+    def _at_points(self, mask_feats, mask_padding, value, p, centers, batch_index, points, coordinate_scale):
+        """(n, P) logits at the given points."""
         points = points.to(mask_feats.dtype)
         grid = (2 * points - 1)[:, :, None]
         z = F.grid_sample(mask_feats[batch_index], grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -345,7 +370,13 @@ class InstanceAwareMaskHead(nn.Module):
         """The generated deformable-attention layer for queries ``z`` (n, Nq, C) at reference
         points ``ref`` ((1 or n), Nq, 2) (x, y) of the padded map; returns (n, Nq) logits.
         Offsets are in pixels of the stride-8 map. ``at_pixels``: the queries are the map's
-        pixels in order and ``ref`` their centres (then CPU inference fuses the sampling)."""
+        pixels in order and ``ref`` their centres (then CPU inference fuses the sampling).
+        With ``attention_fp32``, in float32 under autocast."""
+        return fp32_under_autocast(
+            self.attention_fp32, z.device.type, self._attend_layer, mask_feats, value, z, ref, p, batch_index, at_pixels
+        )
+
+    def _attend_layer(self, mask_feats, value, z, ref, p, batch_index, at_pixels):
         n, nq, _ = z.shape
         M, K = self.num_heads, self.num_points
         offsets = torch.baddbmm(p["offset_bias"][:, None], z, p["offset_weight"].transpose(1, 2))

@@ -13,6 +13,7 @@ from torch import nn
 from ..layers.mlp import MLP
 from ..layers.position_encoding import inverse_sigmoid, valid_extent
 from . import test_time
+from .activation_checkpointing import set_activation_checkpointing
 from .auto_scale import check_first_look
 from .backbone.folded_resnet import maybe_folded_forward
 from .box_ops import apply_box_delta
@@ -96,6 +97,8 @@ class SOIT(nn.Module):
         reference_size: int = 0,
         reference_parts: Sequence[str] = REFERENCE_PARTS,
         denoising: Optional[nn.Module] = None,
+        activation_checkpointing: Sequence[str] = (),
+        attention_fp32: bool = False,
     ):
         """
         Args:
@@ -106,8 +109,7 @@ class SOIT(nn.Module):
             transformer: the deformable encoder/decoder with two-stage proposals.
             mask_encoder: P3 memory -> F_mask (N, C_mask, h, w).
             mask_head: the instance-aware transformer, run from generated parameters.
-            criterion: matching and loss math (training only); the model runs the mask
-                head on the queries it matched (:meth:`losses`).
+            criterion: matching and loss math (training only; :meth:`set_losses`).
             num_classes: number of object classes (sigmoid classification, no background).
             pixel_mean, pixel_std: per-channel normalisation, in ``input_format`` order and
                 0-255 units.
@@ -137,14 +139,11 @@ class SOIT(nn.Module):
             tile_batch_size: tiles per forward pass.
             tile_merge_threshold: intersection over the smaller mask above which two
                 detections of different tiles are one object.
-            test_scales: () (default, the paper): each image is predicted as it comes. A
-                list of factors, e.g. ``(0.5, 1, 2)``: inference predicts each image resized
-                by every factor (tiled when ``tile_size`` is set) and keeps, per image, the
-                detections of the factor with the highest confidence (the mean of its
-                ``test_scale_top_k`` highest scores), in the original coordinates. For test
-                images whose objects may be larger or smaller than in training
-                (``soit.modeling.scale_search``, ``docs/scale.md``); it costs the sum of
-                the squared factors in compute. Training and export are never affected.
+            test_scales: () (default, the paper): each image is predicted as it comes.
+                Factors, e.g. ``(0.5, 1, 2)``: each image is predicted at every factor and the
+                most confident factor's detections (mean of its ``test_scale_top_k`` best
+                scores) are kept (``soit.modeling.scale_search``, ``docs/scale.md``; costs
+                the sum of the squared factors). Training and export are never affected.
             test_scale_top_k: how many of a factor's highest scores its confidence averages.
             auto_scale: False (default, the paper): images are predicted at their own size.
                 True: each image is predicted at the magnification that gives its objects
@@ -173,6 +172,10 @@ class SOIT(nn.Module):
                 in training, noised ground truths become extra decoder queries whose class,
                 box and mask losses (suffix "_dn") reconstruct their ground truth (DN-DETR,
                 DINO, Mask DINO). Needs ``two_stage``. Inference never runs them.
+            activation_checkpointing: parts recomputed in the backward pass instead of
+                keeping their activations, any of "backbone", "encoder", "mask_encoder",
+                "decoder", "mask_head" (``soit.modeling.activation_checkpointing``).
+            attention_fp32: under autocast, the deformable attention samples in float32.
         """
         super().__init__()
         if inference_padding not in ("crop", "official"):
@@ -219,6 +222,10 @@ class SOIT(nn.Module):
         )
         # one mask branch shared by every decoder layer (docs/model.md, section 3)
         self.mask_branch = MLP(embed_dim, embed_dim, mask_head.num_dynamic_params, 3)
+        self.activation_checkpointing = set_activation_checkpointing(self, activation_checkpointing)
+        for module in self.modules():  # the deformable attention layers and the mask head
+            if hasattr(module, "attention_fp32"):
+                module.attention_fp32 = bool(attention_fp32)
 
     @property
     def device(self):

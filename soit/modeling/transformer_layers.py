@@ -17,6 +17,7 @@ from soit.layers import MSDeformAttn
 from soit.layers.cpu_inference import apply_linear
 from soit.layers.position_encoding import inverse_sigmoid, valid_extent
 
+from .activation_checkpointing import maybe_checkpoint
 from .box_ops import apply_box_delta
 
 __all__ = [
@@ -128,11 +129,15 @@ class DeformableEncoder(nn.Module):
     def __init__(self, num_layers: int = 6, **layer_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.checkpoint = False  # activation checkpointing of each layer in training
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
         """Same arguments and result as :meth:`DeformableEncoderLayer.forward`."""
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = maybe_checkpoint(
+                self.checkpoint and self.training, layer, src, pos, reference_points, spatial_shapes,
+                level_start_index, padding_mask,
+            )  # fmt: skip
         return src
 
 
@@ -195,6 +200,7 @@ class DeformableDecoder(nn.Module):
         super().__init__()
         self.look_forward_twice = look_forward_twice
         self.layers = nn.ModuleList(DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.checkpoint = False  # activation checkpointing of each layer in training
 
     @property
     def num_layers(self) -> int:
@@ -238,9 +244,10 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_input = reference[:, :, None] * valid_ratios[:, None]
                 refs.append(torch.cat([reference, torch.full_like(reference, 0.5)], -1))
-            query = layer(
-                query, query_pos, ref_input, memory, spatial_shapes, level_start_index, memory_padding_mask, self_attn_mask
-            )
+            query = maybe_checkpoint(
+                self.checkpoint and self.training, layer, query, query_pos, ref_input, memory, spatial_shapes,
+                level_start_index, memory_padding_mask, self_attn_mask,
+            )  # fmt: skip
             hs.append(query)
             if reg_branches is not None:
                 new_reference = apply_box_delta(inverse_sigmoid(reference), reg_branches[lid](query), centre_scale)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..cpu_inference import apply_linear
+from ..precision import fp32_under_autocast
 from .dispatch import ms_deform_attn, offsets_kernel
 
 __all__ = ["MSDeformAttn"]
@@ -16,7 +17,13 @@ class MSDeformAttn(nn.Module):
 
     Parameter names (``sampling_offsets``, ``attention_weights``, ``value_proj``,
     ``output_proj``) match the official checkpoints, so conversion is a renaming.
+
+    ``attention_fp32`` (set by ``SOIT(attention_fp32=True)``): under autocast, the sampling
+    offsets, weights, locations and the sampling itself run in float32
+    (:func:`soit.layers.precision.fp32_under_autocast`).
     """
+
+    attention_fp32 = False
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
         super().__init__()
@@ -65,21 +72,29 @@ class MSDeformAttn(nn.Module):
             (N, Lq, C).
         """
         N, Lq, _ = query.shape
-        M, L, P = self.num_heads, self.num_levels, self.num_points
+        M = self.num_heads
         v = apply_linear(self.value_proj, value)
         if value_padding_mask is not None:
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
         v = v.view(N, v.shape[1], M, self.embed_dim // M)
+        out = fp32_under_autocast(
+            self.attention_fp32, v.device.type, self._sample, query, reference_points, v, spatial_shapes, level_start_index
+        )
+        return apply_linear(self.output_proj, out)
+
+    def _sample(self, query, reference_points, v, spatial_shapes, level_start_index):
+        """The attention's output before the output projection: (N, Lq, M * D)."""
+        N, Lq, _ = query.shape
+        M, L, P = self.num_heads, self.num_levels, self.num_points
         offsets = apply_linear(self.sampling_offsets, query).view(N, Lq, M, L, P, 2)
         weights = apply_linear(self.attention_weights, query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             fused = offsets_kernel(v, offsets, weights, reference_points)
             if fused is not None:  # CPU inference: the same locations, formed inside the kernel
-                out = fused(
+                return fused(
                     v.contiguous(), spatial_shapes, level_start_index, reference_points.contiguous(),
                     offsets.contiguous(), weights.contiguous(),
                 )  # fmt: skip
-                return apply_linear(self.output_proj, out)
             # offsets are in pixels of each level: normalise by (W_l, H_l)
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
@@ -92,6 +107,5 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}"
             )
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
-        return apply_linear(self.output_proj, out)
+        return ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
 
