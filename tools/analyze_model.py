@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Parameters, FLOPs and activations of a SOIT LazyConfig model at a given input size.
+"""Parameters, FLOPs, activations and training memory of a SOIT LazyConfig model at a given
+input size.
 
     python tools/analyze_model.py --config-file configs/models/soit_r50.py \\
         --tasks parameter flop activation --input-size 800 1333
+    python tools/analyze_model.py --config-file configs/models/soit_r50.py --tasks memory \\
+        --input-size 800 1333 --batch-sizes 1 2 --precisions fp32 bf16 --checkpointing none all
 
 Parameters: per top-level module; the "checkpoint-equivalent" total adds the backbone's
 FrozenBN weights and biases (buffers here, parameters in torchvision-style checkpoints such
@@ -13,6 +16,14 @@ that export traces, for one image of --input-size (the network input, after any 
 with the multi-scale deformable attention counted by its own handle (soit/analysis.py);
 operators that no handle counts are listed. Random weights are used: the counts do not
 depend on them.
+
+Memory: one training step (forward + backward) per batch size, precision and activation-
+checkpointing setting ("none", "all", or parts joined by commas, e.g. "encoder,decoder") on
+synthetic images holding --num-objects objects each, on --device; the allocator's peak is
+measured, parameters and AdamW state are derived, and so is whether a GPU of 8 to 80 GiB
+holds the run (soit/engine/memory.py says how). --compare-gradients also prints each row's
+largest gradient difference to the row without checkpointing (relative to the gradient's
+largest value).
 """
 import argparse
 import os
@@ -21,7 +32,7 @@ import sys
 from soit.config import add_trust_arguments
 
 
-TASKS = ("parameter", "flop", "activation")
+TASKS = ("parameter", "flop", "activation", "memory")
 
 
 def count_parameters(model):
@@ -69,11 +80,72 @@ def print_counts(title, analysis, model, unit, unit_name):
     return total
 
 
+def checkpointing_settings(values):
+    from soit.modeling.activation_checkpointing import PARTS, check_parts
+
+    settings = []
+    for value in values:
+        parts = () if value == "none" else PARTS if value == "all" else check_parts(value.split(","))
+        settings.append((value, list(parts)))
+    return settings
+
+
+def print_memory(cfg, args):
+    import torch
+    from detectron2.config import instantiate
+
+    from soit.engine.memory import (
+        GPU_SIZES_GIB, fits, largest_relative_difference, synthetic_batch, training_step_memory,
+    )  # fmt: skip
+
+    mib, gib = 2**20, 2**30
+    h, w = args.input_size
+    columns = ["batch", "precision", "checkpointing", "parameters MiB", "AdamW state MiB", "step peak MiB",
+               "of which gradients MiB", "total GiB", "step s"] + [f"{g} GB" for g in GPU_SIZES_GIB]  # fmt: skip
+    if args.compare_gradients:
+        columns.append("gradient difference")
+    print(f"training memory at {h}x{w}, {args.num_objects} objects per image, on {args.device}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for batch_size in args.batch_sizes:
+        batch = synthetic_batch(batch_size, h, w, args.num_objects, cfg.model.num_classes)
+        for precision in args.precisions:
+            reference = None
+            for name, parts in checkpointing_settings(args.checkpointing):
+                cfg.model.activation_checkpointing = parts
+                torch.manual_seed(0)
+                model = instantiate(cfg.model).to(args.device)
+                r = training_step_memory(model, batch, precision, keep_gradients=args.compare_gradients)
+                on_gpu = r["measured_on"] == "cuda allocator"
+                row = [batch_size, precision, name, f"{r['parameters'] / mib:,.0f}", f"{r['optimizer_state'] / mib:,.0f}",
+                       f"{r['step_peak'] / mib:,.0f}", f"{r['gradients'] / mib:,.0f}", f"{r['total'] / gib:.2f}",
+                       f"{r['seconds']:.1f}"]  # fmt: skip
+                row += ["yes" if fits(r["total"], g, on_gpu) else "no" for g in GPU_SIZES_GIB]
+                if args.compare_gradients:
+                    if reference is None:
+                        reference = r["grads"]
+                        row.append("(reference)")
+                    else:
+                        diff = largest_relative_difference(reference, r["grads"])
+                        row.append("parameters differ" if diff is None else f"{diff:.1e}")
+                print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
+                del model, r
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--tasks", nargs="+", default=["parameter"], help=f"any of {', '.join(TASKS)}")
     parser.add_argument("--input-size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1], help="memory: images per step")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], help="memory: any of fp32 fp16 bf16")
+    parser.add_argument(
+        "--checkpointing", nargs="+", default=["none", "all"],
+        help="memory: activation-checkpointing settings: none, all, or parts joined by commas",
+    )  # fmt: skip
+    parser.add_argument("--num-objects", type=int, default=20, help="memory: objects per synthetic image")
+    parser.add_argument("--compare-gradients", action="store_true", help="memory: gradient difference to the first setting")
+    parser.add_argument("--device", default="cpu", help="memory: cpu or cuda")
     parser.add_argument("opts", nargs="*", help="config overrides key=value")
     add_trust_arguments(parser)
     args = parser.parse_args(argv)
@@ -84,6 +156,14 @@ def main(argv=None):
         parser.error(f"unknown --tasks {unknown}; choose from {list(TASKS)}")
     if min(args.input_size) < 1:
         parser.error(f"--input-size must be positive, got {args.input_size}")
+    if min(args.batch_sizes) < 1 or args.num_objects < 1:
+        parser.error("--batch-sizes and --num-objects must be >= 1")
+    if set(args.precisions) - {"fp32", "fp16", "bf16"}:
+        parser.error(f"--precisions takes fp32, fp16 or bf16, got {args.precisions}")
+    try:
+        checkpointing_settings(args.checkpointing)
+    except ValueError as e:
+        parser.error(f"--checkpointing: {e}")
 
     import logging
 
@@ -96,6 +176,10 @@ def main(argv=None):
 
     logging.getLogger("fvcore").setLevel(logging.ERROR)  # "never called" notes for the criterion
     cfg = load_config(args.config_file, args.opts, trust_config=args.trust_config, trust_pickle=args.trust_pickle)
+    if "memory" in args.tasks:
+        print_memory(cfg, args)
+        if set(args.tasks) == {"memory"}:
+            return 0
     model = instantiate(cfg.model).eval()
     if "parameter" in args.tasks:
         print_parameters(model)
