@@ -15,8 +15,10 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    small at this look), look again at twice the magnification, up to the image's own size.
 2. **Choose** the factor that brings the measured median to the trained median, continuously
    (no grid). If that factor lies within the trained sizes' own spread of 1 (half their
-   interquartile range in log size, at least 10 %), the image is predicted at its own size:
-   its objects already have sizes the model knows.
+   interquartile range in log size, at least 10 %), or within two standard errors of the
+   measured median (few objects measure their median poorly: a crop holding three nuclei),
+   the image is predicted at its own size: nothing shows that its objects differ from the
+   sizes the model knows.
 3. **Predict** at that factor (reusing a look made at about that factor), tiled at the
    training input size when the model was trained on fixed-size inputs. Once, if the objects
    found then still look more than twice the tolerance too small, refine.
@@ -31,7 +33,7 @@ import logging
 import math
 from typing import Callable, Dict
 
-from .object_scale import TrainingScale, estimate_object_size
+from .object_scale import SizeEstimate, TrainingScale, estimate_object_size
 from .query_selection import TooFewTokensError
 from .scale_search import rescale_input
 
@@ -111,8 +113,8 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
         notes.append(f"no confident detection at any look: predicted at {target:.3g}x")
     else:  # the last look that found something
         target = measured_at * math.exp(trained - estimate.log_median)
-        if abs(math.log(target)) <= tol:
-            target = 1.0  # the objects already have sizes the model knows
+        if abs(math.log(target)) <= max(tol, 2 * median_standard_error(estimate, training_scale)):
+            target = 1.0  # no evidence that the objects differ from the trained sizes
         if estimate.count < MIN_OBJECTS:
             notes.append(f"only {estimate.count} object(s) to measure at {measured_at:.3g}x")
         if estimate.log_half_spread > training_scale.log_half_spread + tol:  # no one factor suits them all
@@ -146,6 +148,15 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
     if note:
         logger.warning(f"{name}: magnification {target:.3g}x chosen with uncertainty: {note}")
     return {"instances": inst, "scale": {"factor": target, "looks": sorted(looks), "note": note}}
+
+
+def median_standard_error(estimate: SizeEstimate, training_scale: TrainingScale) -> float:
+    """Standard error of a measured log-size median: 1.2533 sigma / sqrt(n) for n objects
+    whose log sizes spread with deviation sigma (the larger of the measured and the trained
+    spread, half an interquartile range being 0.6745 sigma: one or two objects show no
+    spread of their own)."""
+    sigma = max(estimate.log_half_spread, training_scale.log_half_spread) / 0.6745
+    return 1.2533 * sigma / math.sqrt(max(estimate.count, 1))
 
 
 def _reuse(looks, target, tol):

@@ -123,6 +123,17 @@ def test_a_few_large_objects_seen_at_the_first_look_are_not_trusted_alone():
     assert out["scale"]["note"] == ""
 
 
+@pytest.mark.parametrize("count, rescaled", [(2, False), (4, False), (30, True)])
+def test_a_small_size_difference_needs_enough_objects_to_rescale(count, rescaled):
+    """Objects 20 % larger than trained: measured on a few (a small crop), that is within the
+    median's standard error and the image stays at its own size; on thirty, it is rescaled."""
+    out = auto_scale_predict(_input(), FakeDetector(48.0, count), TRAINED)
+    if rescaled:
+        assert out["scale"]["factor"] == pytest.approx(40 / 48, rel=0.02)
+    else:
+        assert out["scale"]["factor"] == 1.0
+
+
 def test_nothing_found_predicts_at_the_image_size_and_says_so(caplog):
     class Empty(FakeDetector):
         def __call__(self, x):
