@@ -15,8 +15,10 @@ at input sizes other than the traced one.
 
 TorchScript graphs hold the registered op ``soit::ms_deform_attn`` (``soit._C`` where it is
 built, the PyTorch path elsewhere): ``import soit.export`` (or any ``soit`` module that
-imports the op) before ``torch.jit.load``. ONNX graphs hold ``GridSample`` instead and need
-nothing of ours.
+imports the op) before ``torch.jit.load``. ONNX graphs need nothing of ours: they express the
+attention with ``GridSample`` (``attention="grid_sample"``) or with corner indices, ``Gather``
+and element-wise products (``attention="gather"``: for runtimes that compute ``GridSample``
+wrongly, docs/deployment.md); :func:`onnx_op_counts` lists what a graph holds.
 """
 import json
 import warnings
@@ -27,6 +29,7 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 # importing the model imports soit.layers.ms_deform_attn, which registers soit::ms_deform_attn
+from .layers.ms_deform_attn import EXPORT_FORMULATIONS, export_formulation
 from .modeling.postprocessing import soit_postprocess
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "output_names",
     "export_torchscript",
     "export_onnx",
+    "onnx_op_counts",
     "instances_from_outputs",
     "write_export_info",
     "pair_detections",
@@ -100,20 +104,27 @@ def export_torchscript(model, image: torch.Tensor, path: str):
     return traced, output_names(adapter)
 
 
-def export_onnx(model, image: torch.Tensor, path: str, opset: int = 17):
-    """Export the model to ONNX at ``path`` (TorchScript-based exporter, opset >= 16), with
-    the image height and width (and the mask size) as dynamic axes.
+def export_onnx(model, image: torch.Tensor, path: str, opset: int = 17, attention: str = "grid_sample"):
+    """Export the model to ONNX at ``path`` (TorchScript-based exporter), with the image
+    height and width (and the mask size) as dynamic axes.
+
+    Args:
+        attention: how the graph expresses the deformable attention (encoder, decoder, mask
+            encoder and mask head): "grid_sample" (``GridSample``, opset >= 16) or "gather"
+            (no ``GridSample``: :func:`soit.layers.ms_deform_attn.ms_deform_attn_pytorch_gather`).
 
     Returns the output names.
     """
-    if opset < MIN_ONNX_OPSET:
-        raise ValueError(f"ONNX opset {opset} has no GridSample; use {MIN_ONNX_OPSET} or newer")
+    if attention not in EXPORT_FORMULATIONS:
+        raise ValueError(f"attention must be one of {EXPORT_FORMULATIONS}, got {attention!r}")
+    if attention == "grid_sample" and opset < MIN_ONNX_OPSET:
+        raise ValueError(f"ONNX opset {opset} has no GridSample; use {MIN_ONNX_OPSET} or newer, or attention='gather'")
     adapter = trace_adapter(model, image)
     with torch.no_grad():
         adapter(*adapter.flattened_inputs)  # fills the output schema
     names = output_names(adapter)
     dynamic_axes = {INPUT_NAME: {1: "height", 2: "width"}, "pred_masks": {1: "height", 2: "width"}}
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), export_formulation(attention):
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -129,6 +140,25 @@ def export_onnx(model, image: torch.Tensor, path: str, opset: int = 17):
             do_constant_folding=True,
         )
     return names
+
+
+def onnx_op_counts(path: str) -> Dict[str, int]:
+    """How many nodes of each operator type the ONNX graph at ``path`` holds (subgraphs
+    included), most frequent first."""
+    import onnx
+
+    counts: Dict[str, int] = {}
+
+    def visit(graph):
+        for node in graph.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            counts[key] = counts.get(key, 0) + 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+
+    visit(onnx.load(path, load_external_data=False).graph)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def instances_from_outputs(outputs: Sequence, names: Sequence[str]) -> Instances:
@@ -148,7 +178,7 @@ def instances_from_outputs(outputs: Sequence, names: Sequence[str]) -> Instances
     return inst
 
 
-def write_export_info(path: str, model, fmt: str, names: Sequence[str], traced_size, opset=None):
+def write_export_info(path: str, model, fmt: str, names: Sequence[str], traced_size, opset=None, attention=None):
     """A JSON file beside the exported model: what goes in, what comes out, how to finish."""
     info = {
         "format": fmt,
@@ -165,6 +195,8 @@ def write_export_info(path: str, model, fmt: str, names: Sequence[str], traced_s
     }
     if opset is not None:
         info["opset"] = opset
+    if attention is not None:
+        info["attention"] = attention
     if fmt == "torchscript":
         info["load"] = "import soit.export; torch.jit.load(path)  (registers soit::ms_deform_attn)"
     with open(path, "w") as f:

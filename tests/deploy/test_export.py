@@ -149,16 +149,20 @@ def test_torchscript_loads_in_a_fresh_process(model, tmp_path):
     _assert_same(_eager(model, image), got, box_atol=1e-4, prob_atol=1e-6)
 
 
-def test_onnx_equals_eager_in_onnxruntime_at_two_sizes(model, tmp_path):
+@pytest.mark.parametrize("attention", ["grid_sample", "gather"])
+def test_onnx_equals_eager_in_onnxruntime_at_two_sizes(model, tmp_path, attention):
     import onnx  # installed by scripts/setup.sh: a missing one fails here
     import onnxruntime as ort
 
     path = str(tmp_path / "model.onnx")
-    names = export.export_onnx(model, _image(*TRACE_SIZE), path, opset=17)
+    names = export.export_onnx(model, _image(*TRACE_SIZE), path, opset=17, attention=attention)
     assert not model.training, "exporting leaves the model in eval mode"
     graph = onnx.load(path).graph
     ops = {node.op_type for node in graph.node}
-    assert "GridSample" in ops and not any(node.domain == "soit" for node in graph.node)
+    assert ("GridSample" in ops) == (attention == "grid_sample") and not any(node.domain == "soit" for node in graph.node)
+    counts = export.onnx_op_counts(path)
+    assert counts.get("GridSample", 0) == sum(node.op_type == "GridSample" for node in graph.node)
+    assert sum(counts.values()) == len(graph.node) and list(counts.values()) == sorted(counts.values(), reverse=True)
     assert [o.name for o in graph.output] == names
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for h, w in [TRACE_SIZE, OTHER_SIZES[0]]:
@@ -168,9 +172,11 @@ def test_onnx_equals_eager_in_onnxruntime_at_two_sizes(model, tmp_path):
         _assert_same_in_original_size(model, image, got, order, h, w)
 
 
-def test_onnx_rejects_an_opset_without_grid_sample(model, tmp_path):
+def test_onnx_rejects_an_opset_without_grid_sample_and_unknown_formulations(model, tmp_path):
     with pytest.raises(ValueError, match="GridSample"):
         export.export_onnx(model, _image(*TRACE_SIZE), str(tmp_path / "m.onnx"), opset=13)
+    with pytest.raises(ValueError, match="grid_sample.*gather"):
+        export.export_onnx(model, _image(*TRACE_SIZE), str(tmp_path / "m.onnx"), attention="bilinear")
 
 
 def test_trace_adapter_checks_its_input(model):
@@ -190,10 +196,14 @@ def sample_image(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("fmt,file_name", [("torchscript", "model.ts"), ("onnx", "model.onnx")])
-def test_export_tool_exports_the_r50_config(fmt, file_name, sample_image, tmp_path):
+@pytest.mark.parametrize(
+    "fmt,file_name,attention",
+    [("torchscript", "model.ts", None), ("onnx", "model.onnx", "grid_sample"), ("onnx", "model.onnx", "gather")],
+)
+def test_export_tool_exports_the_r50_config(fmt, file_name, attention, sample_image, tmp_path):
     out = tmp_path / "exported"
     args = ["--config-file", "configs/models/soit_r50.py", "--format", fmt, "--export-method", "tracing"]
+    args += ["--attention", attention] if attention else []
     args += ["--sample-image", sample_image, "--output", str(out), "model.max_detections=50"]
     res = _run_tool(*args)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -206,6 +216,10 @@ def test_export_tool_exports_the_r50_config(fmt, file_name, sample_image, tmp_pa
     check = next(line for line in res.stdout.splitlines() if "exported vs eager" in line)
     diffs = dict(part.rsplit(" ", 1) for part in check.split("max |difference|: ")[1].split(", "))
     assert float(diffs["pred_classes"]) == 0 and float(diffs["scores"]) < 1e-4, check
+    if fmt == "onnx":  # the op inventory: GridSample only where asked for
+        assert info["attention"] == attention
+        grid_samples = int(next(line for line in res.stdout.splitlines() if "GridSample:" in line).rsplit(" ", 1)[1])
+        assert (grid_samples > 0) == (attention == "grid_sample"), res.stdout
     # the exported model has 50 detections: the override reached the model
     if fmt == "torchscript":
         loaded = torch.jit.load(str(path))

@@ -37,7 +37,12 @@ def build_parser():
     parser.add_argument("--sample-image", default=None, help="image to trace with (default: synthetic)")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--device", default="cpu", help="device to trace on (cuda: the graph keeps our kernel)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16 with --attention grid_sample)")
+    parser.add_argument(
+        "--attention", default="grid_sample",
+        help="ONNX: how the graph expresses the deformable attention: grid_sample (GridSample nodes) or gather "
+        "(indices and Gather, no GridSample; for runtimes such as TensorRT, docs/deployment.md)",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace existing exported files")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the export with eager mode")
     add_trust_arguments(parser)
@@ -83,8 +88,10 @@ def main(argv=None):
         parser.error(f"--config-file {args.config_file!r} does not exist")
     if args.sample_image is not None and not os.path.isfile(args.sample_image):
         parser.error(f"--sample-image {args.sample_image!r} does not exist")
-    if args.opset < 16:
-        parser.error(f"--opset {args.opset}: ONNX has GridSample from opset 16 on")
+    if args.attention not in ("grid_sample", "gather"):
+        parser.error(f"--attention must be grid_sample or gather, got {args.attention!r}")
+    if args.format == "onnx" and args.attention == "grid_sample" and args.opset < 16:
+        parser.error(f"--opset {args.opset}: ONNX has GridSample from opset 16 on (or use --attention gather)")
     out_file = os.path.join(args.output, FILE_NAMES[args.format])
     info_file = out_file + ".json"
     for path in (out_file, info_file):
@@ -119,9 +126,10 @@ def main(argv=None):
     if args.format == "torchscript":
         _, names = export.export_torchscript(model, image, tmp)
     else:
-        names = export.export_onnx(model, image, tmp, opset=args.opset)
+        names = export.export_onnx(model, image, tmp, opset=args.opset, attention=args.attention)
     os.replace(tmp, out_file)
-    export.write_export_info(info_file, model, args.format, names, image.shape[1:], args.opset if args.format == "onnx" else None)
+    onnx_args = {"opset": args.opset, "attention": args.attention} if args.format == "onnx" else {}
+    export.write_export_info(info_file, model, args.format, names, image.shape[1:], **onnx_args)
     elapsed = time.perf_counter() - start
 
     print(f"exported {args.config_file} to {args.format} in {elapsed:.1f} s")
@@ -130,6 +138,10 @@ def main(argv=None):
     print(f"  traced:  {source} -> network input {tuple(image.shape[1:])}, device {args.device}")
     print(f"  input:   {export.INPUT_NAME} (3, height, width) {model.input_format}, any size")
     print(f"  outputs: {', '.join(names)}")
+    if args.format == "onnx":
+        ops = export.onnx_op_counts(out_file)
+        print(f"  graph:   {sum(ops.values())} nodes, attention as {args.attention}; GridSample: {ops.get('GridSample', 0)}")
+        print("  ops:     " + ", ".join(f"{op} {n}" for op, n in ops.items()))
 
     if not args.no_check:
         with torch.no_grad():

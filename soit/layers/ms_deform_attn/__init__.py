@@ -31,7 +31,7 @@ Files: ``extension.py`` (loading ``soit._C``), ``pytorch.py`` (the PyTorch formu
 and :func:`ms_deform_attn`), ``module.py`` (:class:`MSDeformAttn`).
 """
 
-from .dispatch import force_pytorch, mask_head_kernel, ms_deform_attn, offsets_kernel
+from .dispatch import EXPORT_FORMULATIONS, export_formulation, force_pytorch, mask_head_kernel, ms_deform_attn, offsets_kernel
 from .extension import extension_status, has_cuda_kernel
 from .module import MSDeformAttn
 from .pytorch import ms_deform_attn_pytorch, ms_deform_attn_pytorch_gather
@@ -41,6 +41,8 @@ __all__ = [
     "ms_deform_attn_pytorch",
     "ms_deform_attn_pytorch_gather",
     "MSDeformAttn",
+    "EXPORT_FORMULATIONS",
+    "export_formulation",
     "force_pytorch",
     "mask_head_kernel",
     "offsets_kernel",

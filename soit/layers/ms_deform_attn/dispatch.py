@@ -5,7 +5,8 @@ The rule, in order:
 1. ``impl="pytorch"`` or ``impl="kernel"``: that one (``"kernel"`` raises when ``soit._C``
    cannot run the tensor).
 2. Inside :func:`force_pytorch`, while scripting, and during ONNX or ``torch.export`` export:
-   the PyTorch path (exported graphs hold standard operators only).
+   the PyTorch path (exported graphs hold standard operators only): the ``grid_sample``
+   formulation, or inside :func:`export_formulation` ("gather") the explicit-gather one.
 3. While tracing or under ``torch.compile``: the registered op ``soit::ms_deform_attn``, which
    applies rule 4 each time the recorded graph runs.
 4. Otherwise ``soit._C`` when it serves the tensor (CPU tensors whenever it is loaded; CUDA
@@ -27,11 +28,26 @@ from ..cpu_inference import compiler_flag, plain_inference_active
 from ..thread_flag import ThreadFlag
 from . import extension
 from .op import ms_deform_attn_compiled
-from .pytorch import ms_deform_attn_pytorch_any
+from .pytorch import ms_deform_attn_pytorch_any, ms_deform_attn_pytorch_gather
 
-__all__ = ["force_pytorch", "mask_head_kernel", "ms_deform_attn", "offsets_kernel", "route"]
+__all__ = [
+    "EXPORT_FORMULATIONS", "export_formulation", "force_pytorch", "mask_head_kernel", "ms_deform_attn",
+    "offsets_kernel", "route",
+]  # fmt: skip
 
 _FORCE_PYTORCH = ThreadFlag()
+_GATHER_IN_EXPORT = ThreadFlag()
+# how exported graphs express the attention: GridSample, or index arithmetic + Gather
+EXPORT_FORMULATIONS = ("grid_sample", "gather")
+
+
+def export_formulation(name: str):
+    """A context within which (in this thread) ONNX and ``torch.export`` export write the
+    attention as ``name``: "grid_sample" (``GridSample`` nodes) or "gather" (corner indices,
+    ``Gather`` and element-wise products: no ``GridSample``)."""
+    if name not in EXPORT_FORMULATIONS:
+        raise ValueError(f"the attention's export formulation must be one of {EXPORT_FORMULATIONS}, got {name!r}")
+    return _GATHER_IN_EXPORT.set(name == "gather")
 
 
 def force_pytorch(enabled: bool = True):
@@ -42,7 +58,8 @@ def force_pytorch(enabled: bool = True):
 
 def route(value: torch.Tensor, impl: str) -> str:
     """Which implementation a call takes: "kernel" (soit._C directly), "op" (the registered
-    ``soit::ms_deform_attn``, recorded by tracing / torch.compile) or "pytorch"."""
+    ``soit::ms_deform_attn``, recorded by tracing / torch.compile), "pytorch" or (exporting
+    inside :func:`export_formulation` "gather") "gather"."""
     if impl == "pytorch":
         return "pytorch"
     if impl == "kernel":
@@ -58,7 +75,7 @@ def route(value: torch.Tensor, impl: str) -> str:
         return "pytorch"
     # ONNX and torch.export graphs hold standard operators only (grid_sample)
     if torch.onnx.is_in_onnx_export() or compiler_flag("is_exporting"):
-        return "pytorch"
+        return "gather" if _GATHER_IN_EXPORT else "pytorch"
     if torch.jit.is_tracing() or compiler_flag("is_compiling"):
         return "op"
     return "kernel" if extension.kernel_serves(value) else "pytorch"
@@ -96,6 +113,8 @@ def ms_deform_attn(
         return ms_deform_attn_compiled(*args)
     if path == "op":
         return torch.ops.soit.ms_deform_attn(*args)
+    if path == "gather":
+        return ms_deform_attn_pytorch_gather(*args[:5], value_index=value_index)
     return ms_deform_attn_pytorch_any(*args)
 
 

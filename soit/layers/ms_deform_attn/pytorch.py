@@ -76,6 +76,12 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     return out if out_dtype is None else out.to(out_dtype)
 
 
+def _upper(x, bound):
+    """``x`` clamped from above by ``bound``: a number, or while tracing a 0-d tensor that
+    the graph reads at run time."""
+    return torch.minimum(x, bound) if torch.is_tensor(bound) else x.clamp(max=bound)
+
+
 def ms_deform_attn_pytorch_gather(
     value,
     spatial_shapes,
@@ -89,37 +95,50 @@ def ms_deform_attn_pytorch_gather(
     """Second pure-PyTorch formulation: gathers the four neighbours of every sample explicitly.
 
     Same arguments and result as :func:`ms_deform_attn` (``value_index`` included, handled by
-    indexing the value maps directly, without copies or a loop over them). Queries are processed
-    in chunks so that the gathered neighbours hold at most about ``max_elements`` elements.
-    Differentiable with respect to value, locations and weights.
+    indexing the value maps directly, without copies or a loop over them). Eager calls process
+    the queries in chunks so that the gathered neighbours hold at most about ``max_elements``
+    elements. Differentiable with respect to value, locations and weights.
+
+    It traces with every size read at run time (the level sizes and starts from their
+    tensors, the number of queries from the inputs), into index arithmetic, ``Gather``,
+    element-wise products and a ``MatMul`` in ONNX: no ``GridSample`` (export with
+    ``attention="gather"``, :func:`soit.export.export_onnx`).
     """
     out_dtype = value.dtype
     value, sampling_locations, attention_weights = _in_common_dtype(value, sampling_locations, attention_weights)
     dtype = value.dtype
-    B, S, M, D = value.shape
+    B, _, M, D = value.shape
     N, Lq, _, L, P, _ = sampling_locations.shape
     device = value.device
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
+    tracing = torch.jit.is_tracing()
+    if tracing:  # 0-d tensors: the graph reads them at run time
+        shapes = [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(L)]
+        starts = [level_start_index[lvl] for lvl in range(L)]
+        S = torch._shape_as_tensor(value)[1]
+    else:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        starts = [int(s) for s in level_start_index.tolist()]
+        S = value.shape[1]
     if value_index is None:
         value_index = torch.arange(N, device=device)
-    flat = value.reshape(B * S * M, D)
+    flat = value.reshape(-1, D)
     # row of (b, s, m) in `flat`: (b * S + s) * M + m
     b_rows = (value_index.to(device=device, dtype=torch.long) * (S * M)).view(N, 1, 1, 1)
     m_rows = torch.arange(M, device=device).view(1, 1, M, 1)
-    chunk = max(1, max_elements // max(1, N * M * 4 * P * D))
+    chunk = Lq if tracing else max(1, max_elements // max(1, N * M * 4 * P * D))
     outs = []
     for q0 in range(0, max(Lq, 1), chunk):  # one (empty) pass without queries keeps the graph
-        loc = sampling_locations[:, q0 : q0 + chunk]
-        aw = attention_weights[:, q0 : q0 + chunk]
-        out = value.new_zeros(N, loc.shape[1], M, D)
+        loc = sampling_locations if tracing else sampling_locations[:, q0 : q0 + chunk]
+        aw = attention_weights if tracing else attention_weights[:, q0 : q0 + chunk]
+        out = None
         for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
-            if h * w == 0:
+            if not tracing and h * w == 0:
                 continue
             # continuous pixel position; clamped so that far-away samples stay small integers
             # (anything beyond the clamp has no corner inside the level either way)
-            x = (loc[:, :, :, lvl, :, 0] * w - 0.5).clamp(-2, w + 1)
-            y = (loc[:, :, :, lvl, :, 1] * h - 0.5).clamp(-2, h + 1)
+            wf, hf = (w.to(dtype), h.to(dtype)) if tracing else (w, h)
+            x = _upper((loc[:, :, :, lvl, :, 0] * wf - 0.5).clamp(min=-2.0), wf + 1)
+            y = _upper((loc[:, :, :, lvl, :, 1] * hf - 0.5).clamp(min=-2.0), hf + 1)
             x0, y0 = x.detach().floor(), y.detach().floor()
             fx, fy = x - x0, y - y0
             x0, y0 = x0.long(), y0.long()
@@ -133,15 +152,20 @@ def ms_deform_attn_pytorch_gather(
             ):
                 xi, yi = x0 + dx, y0 + dy
                 inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-                pix = start + yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)
+                pix = start + _upper(yi.clamp(min=0), h - 1) * w + _upper(xi.clamp(min=0), w - 1)
                 rows.append(b_rows + pix * M + m_rows)
                 weights.append(torch.where(inside, cw * a, torch.zeros((), dtype=dtype, device=device)))
             rows = torch.stack(rows, -1).flatten(-2)  # (N, q, M, 4P)
             weights = torch.stack(weights, -1).flatten(-2)
-            neighbours = flat.index_select(0, rows.reshape(-1)).view(*rows.shape, D)  # (N, q, M, 4P, D)
-            out = out + (weights.unsqueeze(-2) @ neighbours).squeeze(-2)
+            neighbours = flat.index_select(0, rows.reshape(-1)).view(N, -1, M, 4 * P, D)  # (N, q, M, 4P, D)
+            term = (weights.unsqueeze(-2) @ neighbours).squeeze(-2)
+            out = term if out is None else out + term
+        if out is None:  # every level empty
+            out = value.new_zeros(N, loc.shape[1], M, D)
         outs.append(out)
-    return torch.cat(outs, 1).reshape(N, Lq, M * D).to(out_dtype)
+        if tracing:
+            break
+    return torch.cat(outs, 1).reshape(N, -1, M * D).to(out_dtype)
 
 
 def _ms_deform_attn_pytorch_shared(
