@@ -39,6 +39,7 @@ __all__ = [
     "export_torchscript",
     "export_onnx",
     "onnx_op_counts",
+    "run_onnx_with_reference_plugin",
     "instances_from_outputs",
     "write_export_info",
     "pair_detections",
@@ -110,8 +111,10 @@ def export_onnx(model, image: torch.Tensor, path: str, opset: int = 17, attentio
 
     Args:
         attention: how the graph expresses the deformable attention (encoder, decoder, mask
-            encoder and mask head): "grid_sample" (``GridSample``, opset >= 16) or "gather"
-            (no ``GridSample``: :func:`soit.layers.ms_deform_attn.ms_deform_attn_pytorch_gather`).
+            encoder and mask head): "grid_sample" (``GridSample``, opset >= 16), "gather"
+            (no ``GridSample``: :func:`soit.layers.ms_deform_attn.ms_deform_attn_pytorch_gather`)
+            or "trt_plugin" (TensorRT's plugin node, for TensorRT only:
+            :mod:`soit.layers.ms_deform_attn.trt_plugin`).
 
     Returns the output names.
     """
@@ -159,6 +162,46 @@ def onnx_op_counts(path: str) -> Dict[str, int]:
 
     visit(onnx.load(path, load_external_data=False).graph)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def run_onnx_with_reference_plugin(path: str, image: np.ndarray, on_plugin=None) -> List[np.ndarray]:
+    """The outputs of an ONNX graph exported with ``attention="trt_plugin"``, run by ONNX
+    Runtime with each ``MultiscaleDeformableAttnPlugin_TRT`` node computed by our reference
+    (:func:`~soit.layers.ms_deform_attn.pytorch.ms_deform_attn_pytorch_gather`) on the
+    node's own inputs, following the plugin's contract. ONNX Runtime cannot run the node, so
+    the graph runs in pieces: for each plugin node in order, the subgraph from the image and
+    the earlier nodes' outputs to this node's inputs; then the rest. ``on_plugin(node,
+    inputs, output)``, if given, sees each node's input and output arrays."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    from .layers.ms_deform_attn.pytorch import ms_deform_attn_pytorch_gather
+    from .layers.ms_deform_attn.trt_plugin import PLUGIN
+
+    model = onnx.load(path)
+    graph_input = model.graph.input[0].name
+    plugins = [n for n in model.graph.node if n.op_type == PLUGIN["op_type"] and n.domain == PLUGIN["domain"]]
+    for i, node in enumerate(plugins):  # typed as the contract says, so that shape inference goes past them
+        dims = [f"plugin{i}_{d}" for d in "NLMD"]
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims))
+    extractor = Extractor(onnx.shape_inference.infer_shapes(model))
+    known = {graph_input: image}
+
+    def run(outputs):
+        sub = extractor.extract_model(list(known), outputs)
+        session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return session.run(outputs, {n: known[n] for n in names})
+
+    for node in plugins:
+        inputs = run(list(node.input))
+        value, shapes, starts, loc, weights = (torch.from_numpy(a) for a in inputs)
+        out = ms_deform_attn_pytorch_gather(value, shapes.long(), starts.long(), loc, weights)
+        known[node.output[0]] = out.view(value.shape[0], loc.shape[1], value.shape[2], value.shape[3]).numpy()
+        if on_plugin is not None:
+            on_plugin(node, inputs, known[node.output[0]])
+    return run([o.name for o in model.graph.output])
 
 
 def instances_from_outputs(outputs: Sequence, names: Sequence[str]) -> Instances:

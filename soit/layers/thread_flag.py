@@ -1,4 +1,4 @@
-"""A per-thread on/off setting with a context manager that restores the previous value."""
+"""A per-thread setting (on/off, or a value) with a context manager that restores the previous value."""
 import contextlib
 import threading
 
@@ -14,11 +14,16 @@ class ThreadFlag:
         self._local = threading.local()
 
     def __bool__(self) -> bool:
+        return bool(self.value)
+
+    @property
+    def value(self):
+        """What :meth:`set` was given in this thread (False outside any block)."""
         return getattr(self._local, "value", False)
 
     @contextlib.contextmanager
-    def set(self, enabled: bool = True):
-        previous = bool(self)
+    def set(self, enabled=True):
+        previous = self.value
         self._local.value = enabled
         try:
             yield

@@ -198,7 +198,10 @@ def sample_image(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "fmt,file_name,attention",
-    [("torchscript", "model.ts", None), ("onnx", "model.onnx", "grid_sample"), ("onnx", "model.onnx", "gather")],
+    [
+        ("torchscript", "model.ts", None), ("onnx", "model.onnx", "grid_sample"), ("onnx", "model.onnx", "gather"),
+        ("onnx", "model.onnx", "trt_plugin"),
+    ],  # fmt: skip
 )
 def test_export_tool_exports_the_r50_config(fmt, file_name, attention, sample_image, tmp_path):
     out = tmp_path / "exported"

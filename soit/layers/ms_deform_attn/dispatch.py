@@ -6,7 +6,8 @@ The rule, in order:
    cannot run the tensor).
 2. Inside :func:`force_pytorch`, while scripting, and during ONNX or ``torch.export`` export:
    the PyTorch path (exported graphs hold standard operators only): the ``grid_sample``
-   formulation, or inside :func:`export_formulation` ("gather") the explicit-gather one.
+   formulation, or inside :func:`export_formulation` the explicit-gather one ("gather") or
+   TensorRT's plugin node ("trt_plugin").
 3. While tracing or under ``torch.compile``: the registered op ``soit::ms_deform_attn``, which
    applies rule 4 each time the recorded graph runs.
 4. Otherwise ``soit._C`` when it serves the tensor (CPU tensors whenever it is loaded; CUDA
@@ -29,6 +30,7 @@ from ..thread_flag import ThreadFlag
 from . import extension
 from .op import ms_deform_attn_compiled
 from .pytorch import ms_deform_attn_pytorch_any, ms_deform_attn_pytorch_gather
+from .trt_plugin import ms_deform_attn_trt_plugin
 
 __all__ = [
     "EXPORT_FORMULATIONS", "export_formulation", "force_pytorch", "mask_head_kernel", "ms_deform_attn",
@@ -36,18 +38,20 @@ __all__ = [
 ]  # fmt: skip
 
 _FORCE_PYTORCH = ThreadFlag()
-_GATHER_IN_EXPORT = ThreadFlag()
-# how exported graphs express the attention: GridSample, or index arithmetic + Gather
-EXPORT_FORMULATIONS = ("grid_sample", "gather")
+_EXPORT_AS = ThreadFlag()
+# how exported graphs express the attention: GridSample; index arithmetic + Gather; or one
+# node of TensorRT's MultiscaleDeformableAttnPlugin_TRT (trt_plugin.py)
+EXPORT_FORMULATIONS = ("grid_sample", "gather", "trt_plugin")
 
 
 def export_formulation(name: str):
     """A context within which (in this thread) ONNX and ``torch.export`` export write the
-    attention as ``name``: "grid_sample" (``GridSample`` nodes) or "gather" (corner indices,
-    ``Gather`` and element-wise products: no ``GridSample``)."""
+    attention as ``name``: "grid_sample" (``GridSample`` nodes), "gather" (corner indices,
+    ``Gather`` and element-wise products: no ``GridSample``) or "trt_plugin" (TensorRT's
+    plugin node, :mod:`soit.layers.ms_deform_attn.trt_plugin`)."""
     if name not in EXPORT_FORMULATIONS:
         raise ValueError(f"the attention's export formulation must be one of {EXPORT_FORMULATIONS}, got {name!r}")
-    return _GATHER_IN_EXPORT.set(name == "gather")
+    return _EXPORT_AS.set(name)
 
 
 def force_pytorch(enabled: bool = True):
@@ -58,8 +62,8 @@ def force_pytorch(enabled: bool = True):
 
 def route(value: torch.Tensor, impl: str) -> str:
     """Which implementation a call takes: "kernel" (soit._C directly), "op" (the registered
-    ``soit::ms_deform_attn``, recorded by tracing / torch.compile), "pytorch" or (exporting
-    inside :func:`export_formulation` "gather") "gather"."""
+    ``soit::ms_deform_attn``, recorded by tracing / torch.compile), "pytorch", or while
+    exporting inside :func:`export_formulation` "gather" or "trt_plugin"."""
     if impl == "pytorch":
         return "pytorch"
     if impl == "kernel":
@@ -75,7 +79,7 @@ def route(value: torch.Tensor, impl: str) -> str:
         return "pytorch"
     # ONNX and torch.export graphs hold standard operators only (grid_sample)
     if torch.onnx.is_in_onnx_export() or compiler_flag("is_exporting"):
-        return "gather" if _GATHER_IN_EXPORT else "pytorch"
+        return {"gather": "gather", "trt_plugin": "trt_plugin"}.get(_EXPORT_AS.value, "pytorch")
     if torch.jit.is_tracing() or compiler_flag("is_compiling"):
         return "op"
     return "kernel" if extension.kernel_serves(value) else "pytorch"
@@ -115,6 +119,8 @@ def ms_deform_attn(
         return torch.ops.soit.ms_deform_attn(*args)
     if path == "gather":
         return ms_deform_attn_pytorch_gather(*args[:5], value_index=value_index)
+    if path == "trt_plugin":
+        return ms_deform_attn_trt_plugin(*args)
     return ms_deform_attn_pytorch_any(*args)
 
 
