@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Inference latency of one model in eager mode, as TorchScript and in onnxruntime.
+"""Inference latency of one model in eager mode, as TorchScript and in onnxruntime (one row
+per ONNX formulation of the attention, --attentions).
 
     python dev/benchmark_export.py --config-file configs/models/soit_r50.py \\
         --input-size 800 1333 --runs 3 --markdown
@@ -27,12 +28,18 @@ def main(argv=None):
     parser.add_argument("--input-size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0: their default)")
+    parser.add_argument(
+        "--attentions", nargs="+", default=["grid_sample", "gather"],
+        help="ONNX formulations of the attention to time (grid_sample, gather; trt_plugin needs TensorRT)",
+    )  # fmt: skip
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("opts", nargs="*", help="config overrides key=value")
     add_trust_arguments(parser)
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config_file):
         parser.error(f"--config-file {args.config_file!r} does not exist")
+    if set(args.attentions) - {"grid_sample", "gather"}:
+        parser.error(f"--attentions takes grid_sample and gather (ONNX Runtime cannot run trt_plugin), got {args.attentions}")
 
     import onnxruntime as ort
     import torch
@@ -64,18 +71,21 @@ def main(argv=None):
         diff = export.max_differences(eager_out, got)
         rows.append(("TorchScript", *median_time(lambda: traced(image), args.runs), (ts_export, diff)))
 
-        start = time.perf_counter()
-        path = os.path.join(tmp, "model.onnx")
-        names = export.export_onnx(model, image, path)
-        onnx_export = time.perf_counter() - start
-        options = ort.SessionOptions()
-        if args.threads:
-            options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = {export.INPUT_NAME: image.numpy()}
-        got = export.instances_from_outputs(session.run(None, feed), names)
-        diff = export.max_differences(eager_out, got)
-        rows.append(("onnxruntime (CPU)", *median_time(lambda: session.run(None, feed), args.runs), (onnx_export, diff)))
+        for attention in args.attentions:
+            start = time.perf_counter()
+            path = os.path.join(tmp, f"model_{attention}.onnx")
+            names = export.export_onnx(model, image, path, attention=attention)
+            onnx_export = time.perf_counter() - start
+            options = ort.SessionOptions()
+            if args.threads:
+                options.intra_op_num_threads = args.threads
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            feed = {export.INPUT_NAME: image.numpy()}
+            got = export.instances_from_outputs(session.run(None, feed), names)
+            diff = export.max_differences(eager_out, got)
+            timed = median_time(lambda: session.run(None, feed), args.runs)
+            rows.append((f"onnxruntime (CPU), attention {attention}", *timed, (onnx_export, diff)))
+            del session
 
     print(f"{args.config_file} at {h}x{w}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
           f"{torch.get_num_threads()} threads, {args.runs} runs (median)")  # fmt: skip
