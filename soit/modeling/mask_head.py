@@ -19,6 +19,7 @@ from torch import nn
 
 from soit.layers import ms_deform_attn
 from soit.layers.ms_deform_attn import mask_head_kernel
+from soit.layers.ms_deform_attn.recording import record_call, recording
 from soit.layers.position_encoding import sine_embedding, valid_extent
 from soit.layers.precision import fp32_under_autocast
 
@@ -381,7 +382,7 @@ class InstanceAwareMaskHead(nn.Module):
         M, K = self.num_heads, self.num_points
         offsets = torch.baddbmm(p["offset_bias"][:, None], z, p["offset_weight"].transpose(1, 2))
         attn = torch.baddbmm(p["attn_bias"][:, None], z, p["attn_weight"].transpose(1, 2))
-        fused = mask_head_kernel(value, offsets, attn) if at_pixels else None
+        fused = mask_head_kernel(value, offsets, attn) if at_pixels and not recording() else None
         if fused is not None:
             # softmax, locations, sampling and ReLU in one pass over the pixels, the same
             # arithmetic as below without its intermediate tensors (docs/benchmarks.md)
@@ -394,6 +395,8 @@ class InstanceAwareMaskHead(nn.Module):
             shapes = torch._shape_as_tensor(mask_feats)[-2:].to(z.device)[None]
             locations = ref.to(offsets.dtype)[:, :, None, None, None] + offsets / shapes.flip(-1).to(offsets.dtype)
             start = shapes.new_zeros(1)
+            if recording():
+                record_call(self, shapes, start, locations, attn.to(value.dtype), value_index=batch_index)
             sampled = ms_deform_attn(value, shapes, start, locations, attn.to(value.dtype), value_index=batch_index)
             sampled = sampled.relu()
         # (n, Nq, C) . (n, C) -> (n, Nq)

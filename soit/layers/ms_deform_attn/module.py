@@ -8,6 +8,7 @@ from torch import nn
 from ..cpu_inference import apply_linear
 from ..precision import fp32_under_autocast
 from .dispatch import ms_deform_attn, offsets_kernel
+from .recording import record_call, recording
 
 __all__ = ["MSDeformAttn"]
 
@@ -89,7 +90,7 @@ class MSDeformAttn(nn.Module):
         offsets = apply_linear(self.sampling_offsets, query).view(N, Lq, M, L, P, 2)
         weights = apply_linear(self.attention_weights, query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
-            fused = offsets_kernel(v, offsets, weights, reference_points)
+            fused = None if recording() else offsets_kernel(v, offsets, weights, reference_points)
             if fused is not None:  # CPU inference: the same locations, formed inside the kernel
                 return fused(
                     v.contiguous(), spatial_shapes, level_start_index, reference_points.contiguous(),
@@ -107,5 +108,7 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points must end in 2 (points) or 4 (boxes), got shape {tuple(reference_points.shape)}"
             )
+        if recording():
+            record_call(self, spatial_shapes, level_start_index, locations, weights, reference_points)
         return ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
 
