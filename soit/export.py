@@ -167,7 +167,7 @@ def onnx_op_counts(path: str) -> Dict[str, int]:
 def run_onnx_with_reference_plugin(path: str, image: np.ndarray, on_plugin=None) -> List[np.ndarray]:
     """The outputs of an ONNX graph exported with ``attention="trt_plugin"``, run by ONNX
     Runtime with each ``MultiscaleDeformableAttnPlugin_TRT`` node computed by our reference
-    (:func:`~soit.layers.ms_deform_attn.pytorch.ms_deform_attn_pytorch_gather`) on the
+    (:func:`~soit.layers.ms_deform_attn.trt_plugin.plugin_reference`) on the
     node's own inputs, following the plugin's contract. ONNX Runtime cannot run the node, so
     the graph runs in pieces: for each plugin node in order, the subgraph from the image and
     the earlier nodes' outputs to this node's inputs; then the rest. ``on_plugin(node,
@@ -176,8 +176,7 @@ def run_onnx_with_reference_plugin(path: str, image: np.ndarray, on_plugin=None)
     import onnxruntime as ort
     from onnx.utils import Extractor
 
-    from .layers.ms_deform_attn.pytorch import ms_deform_attn_pytorch_gather
-    from .layers.ms_deform_attn.trt_plugin import PLUGIN
+    from .layers.ms_deform_attn.trt_plugin import PLUGIN, plugin_reference
 
     model = onnx.load(path)
     graph_input = model.graph.input[0].name
@@ -196,9 +195,7 @@ def run_onnx_with_reference_plugin(path: str, image: np.ndarray, on_plugin=None)
 
     for node in plugins:
         inputs = run(list(node.input))
-        value, shapes, starts, loc, weights = (torch.from_numpy(a) for a in inputs)
-        out = ms_deform_attn_pytorch_gather(value, shapes.long(), starts.long(), loc, weights)
-        known[node.output[0]] = out.view(value.shape[0], loc.shape[1], value.shape[2], value.shape[3]).numpy()
+        known[node.output[0]] = plugin_reference(*(torch.from_numpy(a) for a in inputs)).numpy()
         if on_plugin is not None:
             on_plugin(node, inputs, known[node.output[0]])
     return run([o.name for o in model.graph.output])

@@ -7,6 +7,7 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["SOITTrainer", "NonFiniteTrainingError"]
 
@@ -31,8 +32,8 @@ class SOITTrainer(SimpleTrainer):
     * ``clip_grad_norm``: clip the global L2 norm of all gradients (0.1 in the official
       recipe; 0 disables), after unscaling under fp16;
     * ``max_nonfinite_steps``: a step whose loss (any term, any micro-batch, any process) or
-      gradient is not finite is skipped: no weight, buffer (BatchNorm statistics),
-      optimizer-state or EMA change; the loss
+      gradient is not finite is skipped: no weight, batch-norm statistics, optimizer-state
+      or EMA change; the loss
       terms or parameters concerned and the batch's image files are logged. That many
       skipped steps in a row stop the run (:class:`NonFiniteTrainingError`). Under fp16 the
       ``GradScaler`` skips steps whose scaled gradients overflow on its own; those are
@@ -67,14 +68,19 @@ class SOITTrainer(SimpleTrainer):
         self.consecutive_skips = 0
         self.amp_skipped_steps = 0  # by the GradScaler
         self.last_step_skipped = False  # read by hooks that must not act on a skipped step (EMA)
+        # the only buffers a training forward changes (FrozenBN and other buffers stay put)
+        self._statistics = [
+            b for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None
+        ]  # fmt: skip
 
     def run_step(self):
         assert self.model.training, "[SOITTrainer] model was changed to eval mode!"
         self.optimizer.zero_grad(set_to_none=True)
         dtype = _DTYPES[self.precision]
         data_time, images, totals, problem = 0.0, [], {}, None
-        # the forward updates buffers (BatchNorm statistics): restored if the step is skipped
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        # the forward updates the batch norms' statistics: restored if the step is skipped
+        statistics = [(b, b.detach().clone()) for b in self._statistics]
         for i in range(self.grad_accum_steps):
             start = time.perf_counter()
             data = next(self._data_loader_iter)
@@ -98,7 +104,7 @@ class SOITTrainer(SimpleTrainer):
             problem = self._optimizer_step()
         if problem is not None:
             with torch.no_grad():
-                for b, saved in buffers:
+                for b, saved in statistics:
                     b.copy_(saved)
             self._skip(problem, images)
             return

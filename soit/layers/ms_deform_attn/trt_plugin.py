@@ -23,7 +23,7 @@ import torch
 
 from .pytorch import ms_deform_attn_pytorch_gather
 
-__all__ = ["PLUGIN", "ms_deform_attn_trt_plugin"]
+__all__ = ["PLUGIN", "ms_deform_attn_trt_plugin", "plugin_reference"]
 
 PLUGIN = {
     "op_type": "MultiscaleDeformableAttnPlugin_TRT",
@@ -37,6 +37,15 @@ PLUGIN = {
 }
 
 
+def plugin_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """What the plugin's node computes, on its five inputs: (N, Lq, M, D) (the gather
+    formulation; the int32 shapes and starts are read as they come)."""
+    out = ms_deform_attn_pytorch_gather(
+        value, spatial_shapes.long(), level_start_index.long(), sampling_locations, attention_weights
+    )
+    return out.view(value.shape[0], sampling_locations.shape[1], value.shape[2], value.shape[3])
+
+
 class _PluginNode(torch.autograd.Function):
     """Forward: the gather formulation, output (N, Lq, M, D). Exported: the plugin's node."""
 
@@ -46,12 +55,9 @@ class _PluginNode(torch.autograd.Function):
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
         try:
-            out = ms_deform_attn_pytorch_gather(
-                value, spatial_shapes.long(), level_start_index.long(), sampling_locations, attention_weights
-            )
+            return plugin_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         finally:
             torch._C._set_tracing_state(state)
-        return out.view(value.shape[0], sampling_locations.shape[1], value.shape[2], value.shape[3])
 
     @staticmethod
     def symbolic(g, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
