@@ -14,11 +14,16 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    at other than the trained size (they may be the few large enough to see among many too
    small at this look), look again at twice the magnification, up to the image's own size.
 2. **Choose** the factor that brings the measured median to the trained median, continuously
-   (no grid). If that factor lies within the trained sizes' own spread of 1 (half their
-   interquartile range in log size, at least 10 %), or within two standard errors of the
-   measured median (few objects measure their median poorly: a crop holding three nuclei),
-   the image is predicted at its own size: nothing shows that its objects differ from the
-   sizes the model knows.
+   (no grid). The image is predicted at its own size where nothing shows that its objects
+   differ from the sizes the model knows: when that factor lies within the trained sizes'
+   own spread of 1 (half their interquartile range in log size, at least 10 %), or when the
+   measured median is one the median of as many objects drawn from the training sizes
+   would reach with 95 % probability (:meth:`TrainingScale.median_log_range`: a crop
+   holding one nucleus of a small but ordinary size is no evidence of a magnification).
+   Objects cut by the image border show only part of themselves: when only such objects
+   were found they may say that objects are larger than trained, never that they are
+   smaller; and when the closest look found confident detections but all were cut at a
+   corner (nothing to measure), an estimate from a farther look is not used.
 3. **Predict** at that factor (reusing a look made at about that factor), tiled at the
    training input size when the model was trained on fixed-size inputs. Once, if the objects
    found then still look more than twice the tolerance too small, refine.
@@ -33,7 +38,7 @@ import logging
 import math
 from typing import Callable, Dict
 
-from .object_scale import SizeEstimate, TrainingScale, estimate_object_size
+from .object_scale import TrainingScale, estimate_object_size, found_something
 from .query_selection import TooFewTokensError
 from .scale_search import rescale_input
 
@@ -88,12 +93,12 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
         looks[factor] = inst
         return inst
 
-    factor, estimate = first_look, None
+    factor, estimate, unmeasured = first_look, None, None
     while True:
         inst = look(factor)
         found = estimate_object_size(inst, factor * per_output_pixel) if inst is not None else None
         if found is not None:
-            estimate, measured_at = found, factor
+            estimate, measured_at, unmeasured = found, factor, None
             # trusted: objects not too small to be seen, and either enough of them or seen at
             # the trained size (then this look confirms itself). A few objects that look
             # larger than trained may be the only ones visible among many too small to see
@@ -101,6 +106,8 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
             at_trained_size = abs(found.log_median - trained) <= tol
             if found.log_median >= trained - math.log(2) and (found.count >= MIN_OBJECTS or at_trained_size):
                 break
+        elif found_something(inst):
+            unmeasured = factor  # confident detections, every one cut at a corner of the image
         if inst is None and factor < MAX_FACTOR:  # too small for the model: magnify, past 1x if need be
             factor = min(MAX_FACTOR, 2 * factor)
         elif factor < 1:
@@ -108,13 +115,24 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
         else:
             break
 
-    if estimate is None:
+    if unmeasured is not None:  # the closest look that found something could measure nothing
+        target = max(1.0, unmeasured)
+        notes.append(f"the objects found at {unmeasured:.3g}x are all cut by the image border: no size to measure")
+    elif estimate is None:
         target = max(1.0, max((f for f, inst in looks.items() if inst is not None), default=1.0))
         notes.append(f"no confident detection at any look: predicted at {target:.3g}x")
     else:  # the last look that found something
-        target = measured_at * math.exp(trained - estimate.log_median)
-        if abs(math.log(target)) <= max(tol, 2 * median_standard_error(estimate, training_scale)):
+        size = estimate.log_median - math.log(measured_at)  # the objects' log size at the image's own size
+        target = math.exp(trained - size)
+        low, high = training_scale.median_log_range(estimate.count)
+        if abs(math.log(target)) <= tol or low <= size <= high:
             target = 1.0  # no evidence that the objects differ from the trained sizes
+        elif not estimate.whole and target > 1:
+            notes.append(
+                f"only objects cut by the image border to measure ({math.exp(size):.0f} px at least): "
+                "no evidence that they are smaller than trained"
+            )
+            target = 1.0
         if estimate.count < MIN_OBJECTS:
             notes.append(f"only {estimate.count} object(s) to measure at {measured_at:.3g}x")
         if estimate.log_half_spread > training_scale.log_half_spread + tol:  # no one factor suits them all
@@ -148,15 +166,6 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
     if note:
         logger.warning(f"{name}: magnification {target:.3g}x chosen with uncertainty: {note}")
     return {"instances": inst, "scale": {"factor": target, "looks": sorted(looks), "note": note}}
-
-
-def median_standard_error(estimate: SizeEstimate, training_scale: TrainingScale) -> float:
-    """Standard error of a measured log-size median: 1.2533 sigma / sqrt(n) for n objects
-    whose log sizes spread with deviation sigma (the larger of the measured and the trained
-    spread, half an interquartile range being 0.6745 sigma: one or two objects show no
-    spread of their own)."""
-    sigma = max(estimate.log_half_spread, training_scale.log_half_spread) / 0.6745
-    return 1.2533 * sigma / math.sqrt(max(estimate.count, 1))
 
 
 def _reuse(looks, target, tol):

@@ -19,12 +19,15 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["TrainingScale", "measure_training_scale", "SizeEstimate", "estimate_object_size"]
+__all__ = [
+    "TrainingScale", "measure_training_scale", "SizeEstimate", "estimate_object_size", "found_something", "MIN_SCORE",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,31 @@ class TrainingScale:
         """Half the interquartile range of the log sizes: how far from the median, in log
         size, half of the training objects lie."""
         return 0.5 * math.log(self.object_sizes[3] / self.object_sizes[1])
+
+    def log_size_quantile(self, q: float) -> float:
+        """The log size below which a fraction ``q`` in (0, 1) of the training objects lie:
+        the recorded quantiles interpolated linearly in normal score (z = Phi^-1(q)), and
+        beyond the 5 % and 95 % ones extended with the slope of the outermost segment."""
+        zs = [NormalDist().inv_cdf(p) for p in QUANTILES]
+        logs = [math.log(v) for v in self.object_sizes]
+        z = NormalDist().inv_cdf(min(max(q, 1e-9), 1 - 1e-9))
+        i = 0 if z <= zs[1] else len(zs) - 2 if z >= zs[-2] else max(k for k in range(len(zs) - 1) if zs[k] <= z)
+        return logs[i] + (z - zs[i]) * (logs[i + 1] - logs[i]) / (zs[i + 1] - zs[i])
+
+    def median_log_range(self, count: int, level: float = 0.95):
+        """``(low, high)``: where the median log size of ``count`` objects drawn from the
+        training sizes falls with probability ``level``. The median of n draws lies at a
+        quantile distributed as Beta((n+1)/2, (n+1)/2) (the middle order statistic), so the
+        range follows from that distribution's central ``level`` interval: wide for one or
+        two objects, the interquartile range by about ten."""
+        from scipy.special import betaincinv
+
+        a = (max(int(count), 1) + 1) / 2
+        tail = (1 - level) / 2
+        return (
+            self.log_size_quantile(float(betaincinv(a, a, tail))),
+            self.log_size_quantile(float(betaincinv(a, a, 1 - tail))),
+        )
 
     def to_dict(self) -> Dict:
         return {
@@ -159,11 +187,14 @@ def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: i
 @dataclass(frozen=True)
 class SizeEstimate:
     """The objects' size at one look: median and half interquartile range of the log sizes
-    (network-input pixels), and how many detections they rest on."""
+    (network-input pixels), how many detections they rest on, and whether those are whole
+    objects (False: only objects cut by the image border were found, and a cut object's
+    visible extent is a lower bound of its size)."""
 
     log_median: float
     log_half_spread: float
     count: int
+    whole: bool = True
 
 
 def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> float:
@@ -173,8 +204,17 @@ def _weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) ->
     return float(values[order][idx])
 
 
-def estimate_object_size(instances, factor: float, min_score: float = 0.2, relative: float = 0.5):
-    """The size of the objects found in one look, or None when nothing is found.
+MIN_SCORE = 0.2  # a look whose best detection scores less found nothing
+
+
+def found_something(instances, min_score: float = MIN_SCORE) -> bool:
+    """Whether a look found a confident detection (measurable or not)."""
+    return instances is not None and len(instances) > 0 and float(instances.scores.max()) >= min_score
+
+
+def estimate_object_size(instances, factor: float, min_score: float = MIN_SCORE, relative: float = 0.5):
+    """The size of the objects found in one look, or None when nothing is found or nothing
+    found can be measured (every confident detection cut at a corner of the image).
 
     Args:
         instances: the detections of an image predicted at ``factor`` times its size, boxes
@@ -190,7 +230,8 @@ def estimate_object_size(instances, factor: float, min_score: float = 0.2, relat
         return None
     keep = scores >= relative * scores.max()
     sizes, whole = _object_sizes(instances)
-    if (keep & whole).any():  # whole objects where there are any; on a small crop, the cut ones
+    any_whole = bool((keep & whole).any())
+    if any_whole:  # whole objects where there are any; on a small crop, the cut ones
         keep &= whole
     sizes, weights = sizes[keep] * factor, scores[keep]
     ok = sizes > 0  # NaN compares False
@@ -198,4 +239,4 @@ def estimate_object_size(instances, factor: float, min_score: float = 0.2, relat
         return None
     logs, weights = sizes[ok].log(), weights[ok]
     q25, q50, q75 = (_weighted_quantile(logs, weights, q) for q in (0.25, 0.5, 0.75))
-    return SizeEstimate(q50, 0.5 * (q75 - q25), int(ok.sum()))
+    return SizeEstimate(q50, 0.5 * (q75 - q25), int(ok.sum()), any_whole)

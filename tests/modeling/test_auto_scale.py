@@ -123,15 +123,72 @@ def test_a_few_large_objects_seen_at_the_first_look_are_not_trusted_alone():
     assert out["scale"]["note"] == ""
 
 
-@pytest.mark.parametrize("count, rescaled", [(2, False), (4, False), (30, True)])
-def test_a_small_size_difference_needs_enough_objects_to_rescale(count, rescaled):
-    """Objects 20 % larger than trained: measured on a few (a small crop), that is within the
-    median's standard error and the image stays at its own size; on thirty, it is rescaled."""
-    out = auto_scale_predict(_input(), FakeDetector(48.0, count), TRAINED)
+@pytest.mark.parametrize("size, count, rescaled", [(48.0, 1, False), (48.0, 2, False), (48.0, 30, True), (31.0, 1, False), (31.0, 30, True)])
+def test_a_size_difference_needs_enough_objects_to_rescale(size, count, rescaled):
+    """Objects 20 % larger than the trained median (beyond its 75 % quantile) or 22 % smaller
+    (near its 5 % quantile): one or two such objects (a small crop) are sizes the training
+    set holds, and the image stays at its own size; thirty such are not, and it is rescaled."""
+    out = auto_scale_predict(_input(), FakeDetector(size, count), TRAINED)
     if rescaled:
-        assert out["scale"]["factor"] == pytest.approx(40 / 48, rel=0.02)
+        assert out["scale"]["factor"] == pytest.approx(40 / size, rel=0.02)
     else:
         assert out["scale"]["factor"] == 1.0
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 9, 30])
+def test_median_range_covers_95_percent_of_medians_of_training_draws(count):
+    """The range of the median of n training objects, from the five recorded quantiles alone,
+    holds the medians of n objects drawn from the training distribution 95 % of the time."""
+    gen = torch.Generator().manual_seed(count)
+    # a skewed training distribution: log size normal on the left, narrower on the right
+    z = torch.randn(200000, generator=gen)
+    logs = math.log(40.0) + torch.where(z < 0, 0.25 * z, 0.1 * z)
+    quantiles = torch.quantile(logs[:100000].exp(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95]))
+    scale = TrainingScale(tuple(quantiles.tolist()))
+    low, high = scale.median_log_range(count)
+    draws = logs[100000:][: (100000 // count) * count].view(-1, count)
+    medians = draws.sort(1).values[:, (count - 1) // 2] if count % 2 else draws.sort(1).values[:, count // 2 - 1 : count // 2 + 1].mean(1)
+    inside = ((medians >= low) & (medians <= high)).float().mean().item()
+    assert 0.93 <= inside <= 0.975, (count, inside)
+
+
+def test_objects_cut_by_the_border_never_argue_for_magnifying():
+    """A small crop: every object found is cut by its border and looks smaller than trained
+    (only part of it shows): no magnification, and the note says why. Cut objects larger
+    than trained still argue for reducing."""
+
+    class Cut(FakeDetector):
+        def __call__(self, x):
+            inst = super().__call__(x)
+            boxes = inst.pred_boxes.tensor.clone()
+            boxes[:, 0] = 0.0  # every box touches the left border: measured by its height
+            inst.pred_boxes = Boxes(boxes)
+            return inst
+
+    out = auto_scale_predict(_input(), Cut(20.0, 6), TRAINED)
+    assert out["scale"]["factor"] == 1.0 and "cut by the image border" in out["scale"]["note"]
+    out = auto_scale_predict(_input(), Cut(80.0, 6), TRAINED)
+    assert out["scale"]["factor"] == pytest.approx(0.5, rel=0.02)
+
+
+def test_confident_detections_with_nothing_to_measure_keep_the_image_size():
+    """At half size one small whole object is found; at the image's own size the detections
+    are all cut at a corner (nothing to measure): the far look's estimate is not used."""
+
+    class Corner(FakeDetector):
+        def __call__(self, x):
+            f = x["image"].shape[-1] / self.side
+            self.factors.append(f)
+            inst = Instances((self.side, self.side))
+            box = [[200.0, 200.0, 210.0, 210.0]] if f < 1 else [[0.0, 0.0, 30.0, 30.0]]
+            inst.pred_boxes = Boxes(torch.tensor(box))
+            inst.scores = torch.tensor([0.4 if f < 1 else 0.9])
+            inst.pred_classes = torch.zeros(1, dtype=torch.long)
+            return inst
+
+    out = auto_scale_predict(_input(), Corner(10.0, 1), TRAINED)
+    assert out["scale"]["factor"] == 1.0 and out["scale"]["looks"] == [0.5, 1.0]
+    assert "cut by the image border" in out["scale"]["note"]
 
 
 def test_nothing_found_predicts_at_the_image_size_and_says_so(caplog):
