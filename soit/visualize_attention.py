@@ -24,7 +24,7 @@ import torch
 from .layers.ms_deform_attn.recording import record_attention
 from .modeling.postprocessing import instances_at_input_size, select_detections
 
-__all__ = ["attention_of_detections", "draw_attention", "LEVEL_COLORS"]
+__all__ = ["attention_of_detections", "attention_around", "draw_attention", "LEVEL_COLORS"]
 
 # one colour per feature level (strides 8, 16, 32, 64), RGB in [0, 1]
 LEVEL_COLORS = ((1.0, 0.85, 0.1), (0.1, 0.9, 1.0), (1.0, 0.3, 0.9), (0.5, 1.0, 0.3))
@@ -132,6 +132,35 @@ def attention_of_detections(model, image: torch.Tensor, detections: Optional[Seq
     return {"instances": inst, "detections": found}
 
 
+def attention_around(model, image: torch.Tensor, box: Sequence[float], size: Sequence[int]):
+    """The attention of a detection made by an inference that did not see ``image`` in one
+    pass (tiles, another magnification), in the view a model trained on fixed-size inputs
+    knows: the window of ``size`` (h, w) centred on ``box`` (xyxy, pixels of ``image``),
+    clamped to the image, is run once and its detection that overlaps ``box`` most is chosen.
+
+    Returns:
+        ``(offset, found, entry)``: the window's top-left (x, y) in ``image``, the result of
+        :func:`attention_of_detections` on the window (coordinates of the window; every
+        detection's entry in "detections") and the chosen entry, or None when nothing in the
+        window overlaps ``box``.
+    """
+    from detectron2.structures import Boxes, pairwise_iou
+
+    H, W = image.shape[-2:]
+    h, w = min(int(size[0]), H), min(int(size[1]), W)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0 = int(round(min(max(cx - w / 2, 0), W - w)))
+    y0 = int(round(min(max(cy - h / 2, 0), H - h)))
+    found = attention_of_detections(model, image[:, y0 : y0 + h, x0 : x0 + w], top=model.max_detections)
+    if not found["detections"]:
+        return (x0, y0), found, None
+    shifted = torch.tensor([[box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]], dtype=torch.float32)
+    iou = pairwise_iou(Boxes(shifted), Boxes(found["instances"].pred_boxes.tensor.float().cpu()))[0]
+    best = int(iou.argmax())
+    entry = next((e for e in found["detections"] if e["index"] == best), None)
+    return (x0, y0), found, entry if float(iou[best]) > 0 else None
+
+
 def _dots(vis, points, weights, colors, radius):
     """Points (..., L, P, 2) or (..., P, 2) as circles: colour per level, radius by weight."""
     points = points.reshape(-1, points.shape[-3] if points.dim() >= 4 else 1, points.shape[-2], 2)
@@ -157,8 +186,10 @@ def draw_attention(image_rgb: np.ndarray, entry: Dict, instances, metadata=None,
     names = getattr(metadata, "thing_classes", None) if metadata is not None else None
     label = f"{names[entry['label']] if names else entry['label']} {entry['score']:.2f} (query {entry['query']})"
     panels = []
+    titles = {"decoder": "decoder, last layer", "mask_head": "mask head: in / out", "encoder": "encoder, box centre"}
     for panel in ("decoder", "mask_head", "encoder"):
         vis = Visualizer(image_rgb, metadata)
+        vis.draw_text(titles[panel], (3, 1), horizontal_alignment="left", color=(1.0, 1.0, 1.0), font_size=8)
         vis.draw_binary_mask(mask, color=colour, alpha=0.3)
         vis.draw_box(entry["box"], edge_color=colour)
         if panel == "decoder":

@@ -51,31 +51,69 @@ def parse_args(argv=None):
 
 
 def draw_predictions(cfg, model, out_dir, score_threshold=0.2):
-    """Predicted masks over the held-out images, one PNG each."""
+    """For each held-out image: the predicted masks (``*_pred.png``), the prediction beside the
+    ground truth (``*_pred_gt.png``) and where the model looked for its best detection
+    (``*_attention.png``, three panels: ``tools/visualize_attention.py``)."""
     import numpy as np
     import torch
     from detectron2.config import instantiate
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
+    from soit.visualize_attention import attention_around, draw_attention
+
     os.makedirs(out_dir, exist_ok=True)
     loader = instantiate(cfg.dataloader.test)
-    metadata = MetadataCatalog.get(cfg.dataloader.test.dataset.names)
+    name = cfg.dataloader.test.dataset.names
+    metadata = MetadataCatalog.get(name)
+    truth = {d["file_name"]: d for d in DatasetCatalog.get(name)}
     paths = []
     model.eval()
     with torch.no_grad():
         for batch in loader:
             for inputs, outputs in zip(batch, model(batch)):
                 inst = outputs["instances"].to("cpu")
-                inst = inst[inst.scores > score_threshold]
+                stem = os.path.join(out_dir, os.path.splitext(os.path.basename(inputs["file_name"]))[0])
                 image = np.asarray(Image.open(inputs["file_name"]).convert("RGB"))
                 vis = Visualizer(image, metadata, instance_mode=ColorMode.SEGMENTATION)
-                drawn = vis.draw_instance_predictions(inst).get_image()
-                path = os.path.join(out_dir, os.path.splitext(os.path.basename(inputs["file_name"]))[0] + "_pred.png")
-                Image.fromarray(drawn).save(path)
-                paths.append(path)
+                drawn = vis.draw_instance_predictions(inst[inst.scores > score_threshold]).get_image()
+                Image.fromarray(drawn).save(stem + "_pred.png")
+                paths.append(stem + "_pred.png")
+                if inputs["file_name"] in truth:
+                    gt = Visualizer(image, metadata).draw_dataset_dict(truth[inputs["file_name"]]).get_image()
+                    gap = np.full((drawn.shape[0], 8, 3), 255, dtype=np.uint8)
+                    Image.fromarray(np.concatenate([drawn, gap, gt], 1)).save(stem + "_pred_gt.png")
+                    paths.append(stem + "_pred_gt.png")
+                picture = draw_best_attention(model, inputs, inst, metadata, draw_attention, attention_around)
+                if picture is not None:
+                    Image.fromarray(picture).save(stem + "_attention.png")
+                    paths.append(stem + "_attention.png")
     return paths
+
+
+def draw_best_attention(model, inputs, inst, metadata, draw_attention, attention_around):
+    """Three panels for the best detection, seen in a window of the training input size
+    around it (the quick-start model predicts in tiles of that size; the window's own best
+    detection where none of its detections overlaps it), or None when the model found nothing."""
+    if not len(inst):
+        return None
+    image = inputs["image"]  # the network input; detections are in the original size
+    sy, sx = image.shape[-2] / inputs["height"], image.shape[-1] / inputs["width"]
+    best = inst.pred_boxes.tensor[int(inst.scores.argmax())].tolist()
+    box = [best[0] * sx, best[1] * sy, best[2] * sx, best[3] * sy]
+    trained = getattr(model, "training_scale", None)
+    size = trained.input_size if trained is not None and trained.input_size else tuple(image.shape[-2:])
+    offset, found, entry = attention_around(model, image, box, size)
+    if entry is None and found["detections"]:  # nothing in the window overlaps it: the window's best
+        entry = found["detections"][0]
+    if entry is None:
+        return None
+    x0, y0 = offset
+    window = image[:, y0 : y0 + found["instances"].image_size[0], x0 : x0 + found["instances"].image_size[1]]
+    window = window.permute(1, 2, 0).numpy()
+    window = window[:, :, ::-1] if getattr(model, "input_format", "RGB") == "BGR" else window
+    return draw_attention(window.copy(), entry, found["instances"], metadata)
 
 
 # The marker says that a folder was written by the quick start; the manifest next to it lists
@@ -88,6 +126,7 @@ PICTURES = "vis"  # the folder of the pictures of the predicted masks
 RUN_WRITES = (
     "config.yaml", "log.txt", "metrics.json", "eval_untrained.json", "eval_results.json", "last_checkpoint",
     "model_final.pth", "model_best.pth", "model_" + "[0-9]" * 7 + ".pth", f"{PICTURES}/*_pred.png",
+    f"{PICTURES}/*_pred_gt.png", f"{PICTURES}/*_attention.png",
 )  # fmt: skip
 
 
