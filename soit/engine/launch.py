@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 
-__all__ = ["launch"]
+__all__ = ["launch", "init_distributed"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -50,18 +50,27 @@ def _free_port():
 
 
 def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
-    rank = machine_rank * procs_per_machine + local_rank
-    try:
-        dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
-    except Exception:
-        logging.getLogger(__name__).error(f"Process group URL: {dist_url}")
-        raise
-    for i in range(world_size // procs_per_machine):
-        group = dist.new_group(list(range(i * procs_per_machine, (i + 1) * procs_per_machine)))
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
-    comm.synchronize()
+    init_distributed(
+        "gloo", dist_url, world_size, machine_rank * procs_per_machine + local_rank, procs_per_machine, timeout
+    )
     try:
         main_func(*args)
     finally:
         dist.destroy_process_group()
+
+
+def init_distributed(backend, dist_url, world_size, rank, procs_per_machine, timeout=DEFAULT_TIMEOUT):
+    """The process group, and detectron2's group of the ranks on this machine (ranks are
+    numbered machine by machine, ``procs_per_machine`` on each), as detectron2's ``launch``
+    sets them up; returns when every rank has joined."""
+    try:
+        dist.init_process_group(backend, init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
+    except Exception:
+        logging.getLogger(__name__).error(f"Process group URL: {dist_url}")
+        raise
+    machine = rank // procs_per_machine
+    for i in range(world_size // procs_per_machine):
+        group = dist.new_group(list(range(i * procs_per_machine, (i + 1) * procs_per_machine)))
+        if i == machine:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()

@@ -26,7 +26,8 @@ from ..data.check import check_registered_dataset
 from ..data.metadata import dataset_metadata, register_coco_once
 from ..data.samplers import ResumableTrainingSampler
 from ..modeling.object_scale import measure_training_scale
-from .hooks import ModelEMA, RNGState
+from .hooks import GatherRNGStates, ModelEMA, RNGState
+from .preemption import CheckpointAndStop
 from .trainer import NonFiniteTrainingError, SOITTrainer
 
 __all__ = [
@@ -137,7 +138,9 @@ def resume_iteration(path):
     return saved.get("iteration", -1) + 1
 
 
-def do_train(args, cfg):
+def do_train(args, cfg, stop_request=None):
+    """Train as ``cfg`` says; ``stop_request`` (:class:`~soit.engine.preemption.StopRequest`,
+    given by the cluster launcher) stops the run at a step boundary with a checkpoint."""
     check_output_dir(cfg, args.resume)
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info(f"Model:\n{model}")
@@ -145,12 +148,9 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
     ema = ModelEMA(model, cfg.train.model_ema.decay) if cfg.train.model_ema.enabled else None
 
-    # random states resume exactly in a single process; several ranks keep their own seeds
-    # (the EMA, a hook, is saved with the trainer's state)
-    checkpointables = {"rng": RNGState()} if comm.get_world_size() == 1 else {}
-    checkpointer = SafeCheckpointer(
-        model, cfg.train.output_dir, trust_pickle=getattr(args, "trust_pickle", False), **checkpointables
-    )
+    # every rank's random states resume exactly (the EMA, a hook, is saved with the trainer's state)
+    rng = RNGState()
+    checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trust_pickle=getattr(args, "trust_pickle", False), rng=rng)
     start_iter = 0
     if args.resume and checkpointer.has_checkpoint():
         # know where the run stopped before building the loader, so the data stream continues
@@ -180,10 +180,15 @@ def do_train(args, cfg):
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             # evaluate before checkpointing: a resumed run then starts from the same state
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, eval_model)),
+            GatherRNGStates(rng, [cfg.train.checkpointer.get("period"), cfg.train.eval_period])
+            if comm.get_world_size() > 1
+            else None,
             hooks.BestCheckpointer(cfg.train.eval_period, checkpointer, cfg.train.best_metric, "max")
             if comm.is_main_process() and cfg.train.best_metric and "evaluator" in cfg.dataloader
             else None,
             periodic_checkpointer(cfg, checkpointer, start_iter) if comm.is_main_process() else None,
+            # before the writers: their after_train writes the stopped step's metrics once
+            CheckpointAndStop(stop_request, checkpointer, rng) if stop_request is not None else None,
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
             if comm.is_main_process()
             else None,
@@ -261,7 +266,9 @@ def setup_soit_logger(output_dir):
     return logger
 
 
-def main(args):
+def main(args, stop_request=None):
+    """``train_net.py``'s work for ``args`` (:func:`argument_parser`); ``stop_request``: see
+    :func:`do_train`."""
     register_datasets(getattr(args, "register_coco", []))
     cfg = load_config(
         args.config_file, args.opts,
@@ -288,7 +295,7 @@ def main(args):
         # every weight must come from the checkpoint: a random classifier would be evaluated otherwise
         SafeCheckpointer(model, trust_pickle=trust, complete=True).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
-    return do_train(args, cfg)
+    return do_train(args, cfg, stop_request)
 
 
 def argument_parser():
