@@ -9,7 +9,8 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    over the detections scoring at least half the best one). Zoomed out is where the
    estimate can be trusted: a model shown objects larger than it knows cuts each into
    pieces of the size it knows (docs/scale.md), so the sizes it reports there say nothing;
-   shown smaller objects it finds fewer, but at their own size. Where the objects look less
+   shown smaller objects it finds fewer and reports them somewhat larger (step 3 checks).
+   Where the objects look less
    than half the trained size, or nothing is found, or fewer than three objects are found
    at other than the trained size (they may be the few large enough to see among many too
    small at this look), look again at twice the magnification, up to the image's own size.
@@ -25,8 +26,13 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    smaller; and when the closest look found confident detections but all were cut at a
    corner (nothing to measure), an estimate from a farther look is not used.
 3. **Predict** at that factor (reusing a look made at about that factor), tiled at the
-   training input size when the model was trained on fixed-size inputs. Once, if the objects
-   found then still look more than twice the tolerance too small, refine.
+   training input size when the image is larger than the training inputs, and check: the
+   model measures objects well only at about the sizes it was trained on (shown much smaller
+   ones it reports them larger, shown larger ones it cuts them smaller), so the look at the
+   chosen factor, where the objects should have the trained size, is the measurement that
+   counts. While they do not have it (by the rule of step 2), move the factor by the
+   remaining ratio, up to three times, never back past a look that showed them on the other
+   side of the trained size.
 
 The estimate is a median of sizes, so it does not depend on how many objects the image
 holds, and on images at the training magnification it costs the first look (0.25 of a pass)
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
 MIN_OBJECTS = 3  # fewer found at a look make its median a weak estimate
+MAX_REFINEMENTS = 3  # looks after the first prediction, when its objects are not at the trained size
 
 
 def check_first_look(first_look) -> float:
@@ -144,16 +151,7 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
             notes.append(f"factor {target:.3g} outside [{MIN_FACTOR}, {MAX_FACTOR}], clamped")
             target = min(max(target, MIN_FACTOR), MAX_FACTOR)
 
-    reused = _reuse(looks, target, tol)
-    if reused is not None:
-        target, inst = reused, looks[reused]
-    else:
-        inst = look(target)
-        again = estimate_object_size(inst, target * per_output_pixel) if inst is not None else None
-        if again is not None and trained - again.log_median > 2 * tol:  # still too small: refine once
-            refined = min(MAX_FACTOR, target * math.exp(trained - again.log_median))
-            if look(refined) is not None:
-                target, inst = refined, looks[refined]
+    target, inst = _settle(look, looks, target, training_scale, tol, per_output_pixel)
     if inst is None:  # too small for the model at that factor: the nearest larger look that worked
         larger = [f for f, found in looks.items() if found is not None and f > target]
         if larger:
@@ -166,6 +164,41 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
     if note:
         logger.warning(f"{name}: magnification {target:.3g}x chosen with uncertainty: {note}")
     return {"instances": inst, "scale": {"factor": target, "looks": sorted(looks), "note": note}}
+
+
+def _settle(look, looks, target, training_scale, tol, per_output_pixel):
+    """Predict at ``target`` (reusing a look made at about that factor) and check there that
+    the objects have the trained size: a model measures objects well only at about the sizes
+    it was trained on (shown much smaller ones it reports them larger, shown larger ones
+    smaller, docs/scale.md), so the look at the chosen factor, where they should have that
+    size, is the one whose measurement counts. While they do not (outside the tolerance and
+    the 95 % range of the median of as many training objects), move the factor by the
+    remaining ratio, at most ``MAX_REFINEMENTS`` times, never back past a look that showed
+    the objects on the other side of the trained size. Returns ``(factor, instances)``."""
+    trained = math.log(training_scale.median)
+    low_bound, high_bound = MIN_FACTOR, MAX_FACTOR  # factors shown too small / too large
+    for refinement in range(MAX_REFINEMENTS + 1):
+        reused = _reuse(looks, target, tol)
+        target, inst = (reused, looks[reused]) if reused is not None else (target, look(target))
+        found = estimate_object_size(inst, target * per_output_pixel) if inst is not None else None
+        if found is None or refinement == MAX_REFINEMENTS:
+            break
+        low, high = training_scale.median_log_range(found.count)
+        if abs(found.log_median - trained) <= tol or low <= found.log_median <= high:
+            break
+        if found.log_median < trained:
+            if not found.whole:  # cut objects show a lower bound of their size: no evidence
+                break
+            low_bound = max(low_bound, target)
+        else:
+            high_bound = min(high_bound, target)
+        refined = target * math.exp(trained - found.log_median)
+        if not low_bound < refined < high_bound:  # past a look that said otherwise: halve the bracket
+            refined = math.sqrt(low_bound * high_bound)
+        if abs(math.log(refined / target)) <= tol:
+            break
+        target = refined
+    return target, inst
 
 
 def _reuse(looks, target, tol):

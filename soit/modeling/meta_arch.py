@@ -125,15 +125,17 @@ class SOIT(nn.Module):
             inference_padding: "crop" (default) crops each image's padding from the mask map
                 before resizing; "official" resizes the padded map like the official release,
                 which stretches the masks of images smaller than their batch.
-            tile_size: None (default): the training input size decides: a model trained on
-                inputs of one size (fixed crops) tiles at that size, one trained on inputs of
-                varying size (whole images, the paper) predicts in one pass; a model that does
-                not know its training inputs predicts in one pass. 0: one pass. > 0: inference
+            tile_size: None (default): the training inputs decide: an image larger than the
+                largest training input is cut into tiles of that size (a model trained on
+                fixed crops tiles at its crop size), one within the training sizes (whole
+                images, the paper's resized inputs) is predicted in one pass, one smaller
+                than every training input in a canvas; a model that does not know its
+                training inputs predicts in one pass. 0: one pass. > 0: inference
                 cuts images larger than this (pixels of the network input) into overlapping
                 tiles of this size, predicts them in batches and merges the instances
                 (``soit.modeling.tiling``); a size other than the training one is logged.
-                An image smaller than a tile is predicted in a tile-sized canvas of its mean
-                colour. Training and export are never tiled.
+                Set by hand, an image smaller than a tile is predicted in a tile-sized
+                canvas of its mean colour. Training and export are never tiled.
             tile_overlap: minimal overlap of neighbouring tiles in pixels; at least the
                 largest object's size, so that every object is whole in some tile.
             tile_batch_size: tiles per forward pass.
@@ -305,12 +307,26 @@ class SOIT(nn.Module):
 
     @property
     def inference_tile_size(self) -> int:
-        """The tile size inference uses: ``tile_size`` when set, else the training input
-        size when every training input had one size, else 0 (one pass)."""
+        """The tile size inference uses: ``tile_size`` when set, else the longer side of the
+        largest training input (the crop size of a model trained on crops), else 0 (one
+        pass). Only an image larger than a tile is cut into tiles."""
         if self.tile_size is not None:
             return self.tile_size
         known = self.training_scale
         return max(known.input_size) if known is not None and known.input_size else 0
+
+    def smaller_than_trained(self, height: int, width: int) -> bool:
+        """Whether an input of that size (no larger than a tile) is smaller than every
+        training input, on its shorter or its longer side: it is then predicted in a canvas
+        of the tile's size (``docs/scale.md``). Without a record of the training inputs, or
+        with ``tile_size`` set by hand, every input that is not a whole tile is."""
+        known = self.training_scale
+        if self.tile_size is not None or known is None or not known.input_size:
+            tile = self.inference_tile_size
+            return (height, width) != (tile, tile)
+        short, long = sorted((height, width))
+        least_short, least_long = sorted(known.smallest_input)
+        return short < least_short or long < least_long
 
     def set_training_scale(self, scale, source: str):
         """Record what the model was trained on (``source`` names where it comes from); a
@@ -326,10 +342,11 @@ class SOIT(nn.Module):
             return
         self.training_scale = scale
         if scale is not None and scale.input_size and self.tile_size and self.tile_size != max(scale.input_size):
+            size = f"{scale.input_size[0]}x{scale.input_size[1]}"
+            trained = f"inputs up to {size}" if scale.min_input_size else f"{size} inputs"
             logger.warning(
-                f"model.tile_size={self.tile_size} but the model was trained on {scale.input_size[0]}x"
-                f"{scale.input_size[1]} inputs ({source}); tiles of the training size keep objects where the model "
-                "learnt them (unset tile_size to use it)"
+                f"model.tile_size={self.tile_size} but the model was trained on {trained} ({source}); tiles of "
+                "the training size keep objects where the model learnt them (unset tile_size to use it)"
             )
 
     def run_heads(self, batched_inputs, images: ImageList, padding: torch.Tensor, denoising=None):

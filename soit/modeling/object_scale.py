@@ -41,14 +41,19 @@ class TrainingScale:
     Attributes:
         object_sizes: the 5/25/50/75/95 % quantiles of the objects' size (square root of the
             box area) in network-input pixels, increasing.
-        input_size: (height, width) shared by every training input (up to a quarter turn:
-            then the shorter side first), or None.
+        input_size: the largest training input, (height, width); measured, the largest
+            shorter and the largest longer side of the inputs (a quarter turn is the same
+            size): the crop size of a model trained on crops. None when unknown.
         num_objects: how many objects were measured (0 when set by hand).
+        min_input_size: the smallest training input, the same way (None: ``input_size``,
+            every input of one size). Inputs at least this large and at most
+            ``input_size`` are sizes the model was trained on.
     """
 
     object_sizes: Tuple[float, ...]
     input_size: Optional[Tuple[int, int]] = None
     num_objects: int = 0
+    min_input_size: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         sizes = tuple(float(s) for s in self.object_sizes)
@@ -60,11 +65,26 @@ class TrainingScale:
         if list(sizes) != sorted(sizes):
             raise ValueError(f"training_scale.object_sizes must increase (quantiles), got {list(sizes)}")
         object.__setattr__(self, "object_sizes", sizes)
-        if self.input_size is not None:
-            size = tuple(int(s) for s in self.input_size)
-            if len(size) != 2 or min(size) < 1:
-                raise ValueError(f"training_scale.input_size must be (height, width) or None, got {self.input_size}")
-            object.__setattr__(self, "input_size", size)
+        for name in ("input_size", "min_input_size"):
+            value = getattr(self, name)
+            if value is not None:
+                size = tuple(int(s) for s in value)
+                if len(size) != 2 or min(size) < 1:
+                    raise ValueError(f"training_scale.{name} must be (height, width) or None, got {value}")
+                object.__setattr__(self, name, size)
+        if self.min_input_size is not None:
+            if self.input_size is None or any(a > b for a, b in zip(sorted(self.min_input_size), sorted(self.input_size))):
+                raise ValueError(
+                    f"training_scale.min_input_size={self.min_input_size} must not exceed "
+                    f"input_size={self.input_size} (the largest training input)"
+                )
+            if sorted(self.min_input_size) == sorted(self.input_size):
+                object.__setattr__(self, "min_input_size", None)  # one size: the plain record
+
+    @property
+    def smallest_input(self) -> Optional[Tuple[int, int]]:
+        """The smallest training input (``input_size`` when all had one size)."""
+        return self.min_input_size or self.input_size
 
     @property
     def median(self) -> float:
@@ -106,6 +126,7 @@ class TrainingScale:
             "object_sizes": list(self.object_sizes),
             "input_size": list(self.input_size) if self.input_size else None,
             "num_objects": int(self.num_objects),
+            "min_input_size": list(self.min_input_size) if self.min_input_size else None,
         }
 
     @classmethod
@@ -116,16 +137,21 @@ class TrainingScale:
             d = dict(d)
         except (TypeError, ValueError):
             raise ValueError(f"training_scale must be a dict with object_sizes and input_size, got {d!r}") from None
-        unknown = set(d) - {"object_sizes", "input_size", "num_objects"}
+        unknown = set(d) - {"object_sizes", "input_size", "num_objects", "min_input_size"}
         if unknown or "object_sizes" not in d:
             raise ValueError(
                 f"training_scale must be a dict with object_sizes (and input_size, num_objects), got keys {sorted(d)}"
             )
-        return cls(tuple(d["object_sizes"]), d.get("input_size"), int(d.get("num_objects") or 0))
+        return cls(tuple(d["object_sizes"]), d.get("input_size"), int(d.get("num_objects") or 0), d.get("min_input_size"))
 
     def describe(self) -> str:
         sizes = "/".join(f"{s:.0f}" for s in self.object_sizes)
-        crop = f"{self.input_size[0]}x{self.input_size[1]} inputs" if self.input_size else "inputs of varying size"
+        if not self.input_size:
+            crop = "input size unknown"
+        elif self.min_input_size:
+            crop = f"inputs from {self.min_input_size[0]}x{self.min_input_size[1]} to {self.input_size[0]}x{self.input_size[1]}"
+        else:
+            crop = f"{self.input_size[0]}x{self.input_size[1]} inputs"
         return f"objects of {sizes} px (5/25/50/75/95 %, {self.num_objects} measured), {crop}"
 
 
@@ -181,7 +207,9 @@ def measure_training_scale(mapper, dataset_dicts: Sequence[Dict], num_samples: i
     if sizes.numel() == 0:
         return None
     quantiles = torch.quantile(sizes.double(), torch.tensor(QUANTILES, dtype=torch.float64))
-    return TrainingScale(tuple(quantiles.tolist()), shapes.pop() if len(shapes) == 1 else None, int(sizes.numel()))
+    largest = (max(s for s, _ in shapes), max(l for _, l in shapes))
+    smallest = (min(s for s, _ in shapes), min(l for _, l in shapes))
+    return TrainingScale(tuple(quantiles.tolist()), largest, int(sizes.numel()), smallest)
 
 
 @dataclass(frozen=True)

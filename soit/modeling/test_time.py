@@ -78,11 +78,12 @@ def predict_tiles(model, tiles: torch.Tensor) -> List[TileDetections]:
 
 def predict_tiled(model, x: Dict) -> Instances:
     """An image larger than a tile (``model.inference_tile_size``), predicted tile by tile
-    and merged; one of the tile's size in one pass; a smaller one in a canvas."""
+    and merged; one no larger in one pass, or in a canvas when it is smaller than every
+    training input (``model.smaller_than_trained``)."""
     tile = model.inference_tile_size
     h, w = x["image"].shape[-2:]
     if h <= tile and w <= tile:
-        return predict_untiled(model, x) if (h, w) == (tile, tile) else predict_in_canvas(model, x, tile)
+        return predict_in_canvas(model, x, tile) if model.smaller_than_trained(h, w) else predict_untiled(model, x)
     merged = tiled_predict(
         x["image"].to(model.device),
         partial(predict_tiles, model),

@@ -58,18 +58,33 @@ def test_a_model_trained_on_crops_tiles_at_its_crop_size(blobs, tmp_path, monkey
     assert _predictor(weights, config, "model.tile_size=0").model.inference_tile_size == 0  # the user's word wins
 
 
-def test_a_model_trained_on_whole_images_of_varying_size_predicts_in_one_pass(blobs, tmp_path, caplog):
+def test_a_model_trained_on_whole_images_of_varying_size_tiles_only_larger_images(blobs, tmp_path, caplog, monkeypatch):
     from detectron2.data import transforms as T
 
     resize = {"_target_": T.ResizeShortestEdge, "short_edge_length": [56, 64, 72], "max_size": 200, "sample_style": "choice"}
-    weights, config = train_tiny(tmp_path / "whole", [resize])
-    predictor = _predictor(weights, config)
-    assert predictor.model.training_scale.input_size is None
-    assert predictor.model.inference_tile_size == 0
+    weights, config = train_tiny(tmp_path / "whole", [resize])  # 88 x 72 images: inputs from 68 x 56 to 88 x 72
+    predictor = _predictor(weights, config, "model.auto_scale=False")
+    scale = predictor.model.training_scale
+    assert scale.input_size == (72, 88) and scale.smallest_input == (56, 68)  # shorter side first
+    assert predictor.model.inference_tile_size == 88
+    calls = []
+    for name in ("predict_untiled", "predict_in_canvas", "tiled_predict"):
+        original = getattr(test_time, name)
+        monkeypatch.setattr(test_time, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+
+    def seen_as(h, w):
+        calls.clear()
+        predictor(torch.randint(0, 255, (h, w, 3), dtype=torch.uint8).numpy())
+        return calls[0]
+
+    # the sizes it was trained on, turned or not: one pass, as the whole images it knows
+    assert seen_as(72, 88) == seen_as(88, 72) == seen_as(60, 80) == "predict_untiled"
+    assert seen_as(100, 150) == "tiled_predict"  # larger than every training input: tiles of the largest
+    assert seen_as(40, 60) == "predict_in_canvas"  # smaller than every one: in a canvas of that size
     with caplog.at_level(logging.WARNING):
         tiled = _predictor(weights, config, "model.tile_size=32", "model.tile_overlap=8")
-    assert tiled.model.inference_tile_size == 32  # an override wins...
-    assert tiled.model.training_scale.input_size is None  # ...varying sizes: nothing to compare it with
+    assert tiled.model.inference_tile_size == 32  # an override wins, and the difference is logged
+    assert "model.tile_size=32 but the model was trained on inputs up to 72x88" in caplog.text
 
 
 def test_the_config_takes_precedence_over_the_checkpoint_and_the_difference_is_logged(blobs, tmp_path, caplog):
