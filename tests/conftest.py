@@ -348,3 +348,19 @@ def make_batch(counts, Ld=3, Q=6, K=4, h=4, w=5, valid=None, seed=0, enc=True):
         )
     mask_inputs = {"mask_feats": torch.randn(B, 8, h, w, generator=gen).requires_grad_(), "mask_padding": padding}
     return outputs, targets, mask_inputs
+
+
+def assert_same_training_state(a, b):
+    """Two saved checkpoints (dicts) at the same iteration with bit-identical weights and
+    optimizer state."""
+    import torch
+
+    assert a["iteration"] == b["iteration"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    sa, sb = a["trainer"]["optimizer"]["state"], b["trainer"]["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name in sa[k]:
+            torch.testing.assert_close(sa[k][name], sb[k][name], rtol=0, atol=0)

@@ -58,10 +58,11 @@ class StopRequest:
 
 
 class CheckpointAndStop(HookBase):
-    """After the checkpointers' hooks (before the writers'): after a step in which a stop was requested (on any rank),
-    gather the random states, save ``model_<iteration>`` as the periodic checkpointer names
-    it (``last_checkpoint`` then points at it), wait for every rank, and raise
-    :class:`TrainingStopped`. A request during the last step lets the run finish instead."""
+    """Placed after the checkpointers' hooks and before the writers': after a step in which a
+    stop was requested (on any rank), gather the random states, save ``model_<iteration>``
+    as the periodic checkpointer names it (``last_checkpoint`` then points at it), wait for
+    every rank, and raise :class:`TrainingStopped`. A request during the last step lets the
+    run finish instead."""
 
     def __init__(self, request, checkpointer, rng=None, file_prefix="model"):
         self.request = request

@@ -131,8 +131,7 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
     else:  # the last look that found something
         size = estimate.log_median - math.log(measured_at)  # the objects' log size at the image's own size
         target = math.exp(trained - size)
-        low, high = training_scale.median_log_range(estimate.count)
-        if abs(math.log(target)) <= tol or low <= size <= high:
+        if _at_trained_size(size, estimate.count, training_scale, tol):
             target = 1.0  # no evidence that the objects differ from the trained sizes
         elif not estimate.whole and target > 1:
             notes.append(
@@ -183,8 +182,7 @@ def _settle(look, looks, target, training_scale, tol, per_output_pixel):
         found = estimate_object_size(inst, target * per_output_pixel) if inst is not None else None
         if found is None or refinement == MAX_REFINEMENTS:
             break
-        low, high = training_scale.median_log_range(found.count)
-        if abs(found.log_median - trained) <= tol or low <= found.log_median <= high:
+        if _at_trained_size(found.log_median, found.count, training_scale, tol):
             break
         if found.log_median < trained:
             if not found.whole:  # cut objects show a lower bound of their size: no evidence
@@ -199,6 +197,14 @@ def _settle(look, looks, target, training_scale, tol, per_output_pixel):
             break
         target = refined
     return target, inst
+
+
+def _at_trained_size(log_size, count, training_scale, tol):
+    """Whether a median log size of ``count`` objects is no evidence of a size other than the
+    trained one: within ``tol`` of the trained median, or where the median of as many
+    training objects falls with 95 % probability."""
+    low, high = training_scale.median_log_range(count)
+    return abs(log_size - math.log(training_scale.median)) <= tol or low <= log_size <= high
 
 
 def _reuse(looks, target, tol):

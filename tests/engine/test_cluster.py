@@ -10,7 +10,7 @@ import pytest
 import submitit
 import torch
 
-from conftest import QUICKSTART, load_tool, register_coco_replacing, run, write_synthetic_coco
+from conftest import QUICKSTART, assert_same_training_state, load_tool, register_coco_replacing, run, write_synthetic_coco
 
 from soit.engine import training as train_net
 from soit.engine.cluster_job import TrainingJob, process_group
@@ -50,19 +50,6 @@ def config_file(tmp_path_factory):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_run(a, b):
-    """Weights and optimizer state bit-identical."""
-    assert a["iteration"] == b["iteration"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    sa, sb = a["trainer"]["optimizer"]["state"], b["trainer"]["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        for name in sa[k]:
-            torch.testing.assert_close(sa[k][name], sb[k][name], rtol=0, atol=0)
 
 
 def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(blobs, tmp_path, monkeypatch):
@@ -105,7 +92,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(blobs
     monkeypatch.setattr(train_net.SOITTrainer, "run_step", original)
     resumed = run(cfg(tmp_path / "stopped"), resume=True)
     assert resumed.iter == 6
-    assert_same_run(load(tmp_path / "full" / "model_final.pth"), load(tmp_path / "stopped" / "model_final.pth"))
+    assert_same_training_state(load(tmp_path / "full" / "model_final.pth"), load(tmp_path / "stopped" / "model_final.pth"))
 
 
 def _task_pids(controller_pid):
@@ -172,7 +159,7 @@ def test_local_job_requeued_at_the_signal_ends_bit_identical(blobs, config_file,
     assert 1 <= at < max_iter - 1  # mid-run
     assert f"Starting training from iteration {at + 1}" in logs
     assert (tmp_path / "interrupted" / f"model_{at:07d}.pth").exists()
-    assert_same_run(load(tmp_path / "whole" / "model_final.pth"), load(tmp_path / "interrupted" / "model_final.pth"))
+    assert_same_training_state(load(tmp_path / "whole" / "model_final.pth"), load(tmp_path / "interrupted" / "model_final.pth"))
 
 
 def test_slurm_submission_for_two_nodes_of_eight_gpus(tmp_path, monkeypatch, config_file):
