@@ -236,9 +236,10 @@ class SOIT(nn.Module):
     # ------------------------------------------------------------------ input
     def preprocess_image(self, batched_inputs: List[Dict]):
         """Normalise and pad to a batch. Returns the ImageList and the (B, Hp, Wp) bool
-        padding mask (True at padding)."""
+        padding mask (True at padding). The batch is padded to the backbone's
+        ``size_divisibility`` (0 for ResNet: no extra padding; Swin's patch size)."""
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images)
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         Hp, Wp = images.tensor.shape[-2:]
         # comparisons, not slice assignments: while tracing the sizes are tensors and the
         # padding must follow them at run time

@@ -27,3 +27,28 @@ def test_model_configs_wire_backbone_channels_to_the_neck():
         shapes = backbone.output_shape()
         assert [shapes[f].channels for f in cfg.model.in_features] == list(cfg.model.neck.in_channels), name
         assert [shapes[f].stride for f in cfg.model.in_features] == [8, 16, 32], name
+
+
+def test_swin_model_takes_sides_not_divisible_by_its_patch_size():
+    # timm's patch embedding asserts sides divisible by 4 (e.g. 800 x 1333 failed): the backbone
+    # states the multiple, the model pads the batch to it and marks the extra pixels as padding
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "models", "soit_swin_l.py"))
+    cfg.model.backbone.model_name = "swin_tiny_patch4_window7_224"  # Swin-L's code, smaller
+    cfg.model.neck.in_channels = [192, 384, 768]
+    cfg.model.transformer.num_queries = 20
+    cfg.model.num_classes = 3
+    model = instantiate(cfg.model).eval()
+    assert model.backbone.size_divisibility == 4
+    inputs = [{"image": torch.rand(3, 97, 133) * 255}, {"image": torch.rand(3, 90, 126) * 255}]
+    images, padding = model.preprocess_image(inputs)
+    assert images.tensor.shape[-2:] == (100, 136)
+    assert padding[0, 97:].all() and padding[0, :, 133:].all() and not padding[0, :97, :133].any()
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert [tuple(o["instances"].image_size) for o in outputs] == [(97, 133), (90, 126)]
+    assert outputs[0]["instances"].pred_masks.shape[-2:] == (97, 133)
+
+
+def test_resnet_needs_no_extra_padding():
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "models", "soit_r50.py"))
+    assert instantiate(cfg.model.backbone).size_divisibility == 0
