@@ -39,7 +39,8 @@ model.mask_encoder.dropout = 0.0
 # checkpoint; docs/scale.md): the 256 x 256 training crops make it predict larger images as
 # overlapping 256 x 256 tiles (positions are fractions of the input), and the training nuclei's
 # sizes make it predict each image at the magnification that gives its nuclei those sizes,
-# estimated from a first look at half size. model.tile_size=0 / model.auto_scale=False turn
+# measured at a first look at the image's own size (the prediction itself when they have
+# them) and checked where they should have them. model.tile_size=0 / model.auto_scale=False turn
 # either off.
 model.tile_overlap = 64  # >= the largest nucleus (~60 px), so each is whole in some tile
 model.auto_scale = True

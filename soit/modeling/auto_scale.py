@@ -4,16 +4,18 @@ objects have the size the model was trained on.
 The model records, when training starts, the distribution of its training objects' sizes at
 the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test time:
 
-1. **Look** at the image reduced to ``first_look`` (0.5: a quarter of the pixels) and
-   measure the size of the objects found there (score-weighted median of their box sizes,
-   over the detections scoring at least half the best one). Zoomed out is where the
-   estimate can be trusted: a model shown objects larger than it knows cuts each into
-   pieces of the size it knows (docs/scale.md), so the sizes it reports there say nothing;
-   shown smaller objects it finds fewer and reports them somewhat larger (step 3 checks).
-   Where the objects look less
-   than half the trained size, or nothing is found, or fewer than three objects are found
-   at other than the trained size (they may be the few large enough to see among many too
-   small at this look), look again at twice the magnification, up to the image's own size.
+1. **Look** at the image at ``first_look`` (1: its own size, where most images are meant to
+   be predicted, so that there the look is the prediction itself) and measure the size of
+   the objects found (score-weighted median of their box sizes, over the detections scoring
+   at least half the best one). The model measures objects well only near the sizes it was
+   trained on: shown objects of half those sizes it reports them much larger (it draws the
+   boxes it knows; at half size a crop of the training size can look like a crop of objects
+   twice as large), shown objects of up to about twice those sizes it measures them well,
+   and larger ones it cuts into pieces (docs/scale.md). So the first look is made at the
+   size most likely to be right, not zoomed out. With ``first_look`` < 1, where the objects
+   look less than half the trained size, or nothing is found, or fewer than three objects
+   are found at other than the trained size (they may be the few large enough to see among
+   many too small at this look), look again at twice the magnification, up to 1x.
 2. **Choose** the factor that brings the measured median to the trained median, continuously
    (no grid). The image is predicted at its own size where nothing shows that its objects
    differ from the sizes the model knows: when that factor lies within the trained sizes'
@@ -35,8 +37,8 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    side of the trained size.
 
 The estimate is a median of sizes, so it does not depend on how many objects the image
-holds, and on images at the training magnification it costs the first look (0.25 of a pass)
-on top of the one pass. Each image's chosen factor, the looks made and, when the choice
+holds, and on images at the training magnification it costs one pass: the first look is
+the prediction. Each image's chosen factor, the looks made and, when the choice
 is uncertain (few objects to measure, objects of very different sizes, a factor outside the
 range), a note are returned with its detections and the note is logged.
 """
@@ -64,7 +66,7 @@ def check_first_look(first_look) -> float:
     return value
 
 
-def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale, first_look: float = 0.5) -> Dict:
+def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale, first_look: float = 1.0) -> Dict:
     """Detections of one model input at the magnification chosen as in the module docstring.
 
     Args:

@@ -92,7 +92,7 @@ class SOIT(nn.Module):
         test_scales: Sequence[float] = (),
         test_scale_top_k: int = 10,
         auto_scale: bool = False,
-        scale_first_look: float = 0.5,
+        scale_first_look: float = 1.0,
         training_scale: Optional[dict] = None,
         reference_size: int = 0,
         reference_parts: Sequence[str] = REFERENCE_PARTS,
@@ -154,7 +154,9 @@ class SOIT(nn.Module):
                 ``docs/scale.md``); needs ``training_scale`` (recorded by training). The
                 factor chosen is returned with each image's detections (``"scale"``).
                 ``test_scales``, when set, is used instead.
-            scale_first_look: magnification of the first look, in (0, 1].
+            scale_first_look: magnification of the first look, in (0, 1] (1: the image's own
+                size, which is then the prediction when its objects have the trained sizes;
+                lower it for objects more than about twice the trained sizes).
             training_scale: the training inputs' object sizes and input size (a dict, see
                 ``soit.modeling.object_scale.TrainingScale``). None (default): recorded when
                 training starts and read back from checkpoints; set here it takes precedence
