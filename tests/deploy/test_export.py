@@ -223,6 +223,7 @@ def test_export_tool_exports_the_r50_config(fmt, file_name, attention, sample_im
         assert info["attention"] == attention
         grid_samples = int(next(line for line in res.stdout.splitlines() if "GridSample:" in line).rsplit(" ", 1)[1])
         assert (grid_samples > 0) == (attention == "grid_sample"), res.stdout
+        assert ("TensorRT has been reported" in res.stdout) == (grid_samples > 0)  # said where it matters
     # the exported model has 50 detections: the override reached the model
     if fmt == "torchscript":
         loaded = torch.jit.load(str(path))

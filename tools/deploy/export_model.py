@@ -143,6 +143,11 @@ def main(argv=None):
         ops = export.onnx_op_counts(out_file)
         print(f"  graph:   {sum(ops.values())} nodes, attention as {args.attention}; GridSample: {ops.get('GridSample', 0)}")
         print("  ops:     " + ", ".join(f"{op} {n}" for op, n in ops.items()))
+        if ops.get("GridSample", 0):
+            print(
+                "  note:    TensorRT has been reported to compute GridSample wrongly in DETR-style graphs without "
+                "an error; for TensorRT export with --attention gather or trt_plugin (docs/deployment.md)"
+            )
 
     if not args.no_check:
         with torch.no_grad():
