@@ -28,17 +28,20 @@ the network input (:class:`soit.modeling.object_scale.TrainingScale`). At test t
    smaller; and when the closest look found confident detections but all were cut at a
    corner (nothing to measure), an estimate from a farther look is not used.
 3. **Predict** at that factor (reusing a look made at about that factor), tiled at the
-   training input size when the image is larger than the training inputs, and check: the
-   model measures objects well only at about the sizes it was trained on (shown much smaller
-   ones it reports them larger, shown larger ones it cuts them smaller), so the look at the
-   chosen factor, where the objects should have the trained size, is the measurement that
-   counts. While they do not have it (by the rule of step 2), move the factor by the
-   remaining ratio, up to three times, never back past a look that showed them on the other
-   side of the trained size.
+   training input size when the image is larger than the training inputs, and check: a
+   model's measurement is drawn toward the sizes it was trained on (shown smaller objects
+   it reports them larger, shown larger ones smaller), so a look's error understates how
+   far the factor is off. How much, two looks show: the measured log size moves by a
+   ``slope`` times the log ratio of their magnifications (1 when faithful; measured against
+   the nearest other look, or one at 1/sqrt(2) of the factor when there is none, clamped
+   to [0.25, 1]). The objects' size at the look is taken as the trained size plus the
+   remaining log ratio divided by the slope; while that is not the trained size (by the
+   rule of step 2), move the factor by it, up to three times, never back past a look that
+   showed them on the other side of the trained size.
 
 The estimate is a median of sizes, so it does not depend on how many objects the image
-holds, and on images at the training magnification it costs one pass: the first look is
-the prediction. Each image's chosen factor, the looks made and, when the choice
+holds, and on images at the training magnification it costs one and a half passes: the
+first look is the prediction, the look at 1/sqrt(2) the comparison. Each image's chosen factor, the looks made and, when the choice
 is uncertain (few objects to measure, objects of very different sizes, a factor outside the
 range), a note are returned with its detections and the note is logged.
 """
@@ -57,6 +60,8 @@ logger = logging.getLogger(__name__)
 MIN_FACTOR, MAX_FACTOR = 0.25, 4.0
 MIN_OBJECTS = 3  # fewer found at a look make its median a weak estimate
 MAX_REFINEMENTS = 3  # looks after the first prediction, when its objects are not at the trained size
+MIN_SLOPE = 0.25  # the least a measured log size is taken to follow the log magnification
+COMPARISON_LOOK = 2**-0.5  # where a second look is taken, relative to the factor checked
 
 
 def check_first_look(first_look) -> float:
@@ -169,30 +174,56 @@ def auto_scale_predict(x: Dict, predict: Callable, training_scale: TrainingScale
 
 def _settle(look, looks, target, training_scale, tol, per_output_pixel):
     """Predict at ``target`` (reusing a look made at about that factor) and check there that
-    the objects have the trained size: a model measures objects well only at about the sizes
-    it was trained on (shown much smaller ones it reports them larger, shown larger ones
-    smaller, docs/scale.md), so the look at the chosen factor, where they should have that
-    size, is the one whose measurement counts. While they do not (outside the tolerance and
-    the 95 % range of the median of as many training objects), move the factor by the
-    remaining ratio, at most ``MAX_REFINEMENTS`` times, never back past a look that showed
-    the objects on the other side of the trained size. Returns ``(factor, instances)``."""
+    the objects have the trained size. A model's measurement of an object is drawn toward the
+    sizes it was trained on (shown smaller objects it reports them larger, shown larger ones
+    smaller, docs/scale.md), so a look's error understates how far the factor is off. How
+    much, the looks themselves show: between two magnifications the measured log size moves
+    by ``slope`` times the log ratio (1 for a faithful measurement; measured, clamped to
+    [``MIN_SLOPE``, 1]), and the factor moves by the remaining log ratio divided by it. A
+    second look at half the factor is taken when there is none to compare with. While the
+    objects' size so corrected is not the trained one (outside the tolerance and the 95 %
+    range of the median of as many training objects), move, at most ``MAX_REFINEMENTS``
+    times, never back past a look that showed the objects on the other side of the trained
+    size (then the bracket is halved). Returns ``(factor, instances)``."""
     trained = math.log(training_scale.median)
     low_bound, high_bound = MIN_FACTOR, MAX_FACTOR  # factors shown too small / too large
+    sizes = {}
+
+    def measured(factor):
+        if factor not in sizes:
+            inst = looks.get(factor)
+            found = estimate_object_size(inst, factor * per_output_pixel) if inst is not None else None
+            sizes[factor] = found if found is not None and found.whole else None
+        return sizes[factor]
+
     for refinement in range(MAX_REFINEMENTS + 1):
         reused = _reuse(looks, target, tol)
         target, inst = (reused, looks[reused]) if reused is not None else (target, look(target))
         found = estimate_object_size(inst, target * per_output_pixel) if inst is not None else None
         if found is None or refinement == MAX_REFINEMENTS:
             break
-        if _at_trained_size(found.log_median, found.count, training_scale, tol):
+        if not found.whole:  # cut objects show a lower bound of their size
+            if found.log_median < trained:
+                break  # no evidence that they are smaller than trained
+            slope = 1.0
+        else:
+            compared = [f for f in looks if f != target and measured(f) is not None]
+            if not compared and target * COMPARISON_LOOK >= MIN_FACTOR:
+                look(target * COMPARISON_LOOK)
+                compared = [f for f in looks if f != target and measured(f) is not None]
+            slope = 1.0
+            if compared:
+                other = min(compared, key=lambda f: abs(math.log(f / target)))
+                rise = found.log_median - measured(other).log_median
+                slope = min(1.0, max(MIN_SLOPE, rise / math.log(target / other)))
+        step = (trained - found.log_median) / slope
+        if _at_trained_size(trained - step, found.count, training_scale, tol):
             break
-        if found.log_median < trained:
-            if not found.whole:  # cut objects show a lower bound of their size: no evidence
-                break
+        if step > 0:
             low_bound = max(low_bound, target)
         else:
             high_bound = min(high_bound, target)
-        refined = target * math.exp(trained - found.log_median)
+        refined = target * math.exp(step)
         if not low_bound < refined < high_bound:  # past a look that said otherwise: halve the bracket
             refined = math.sqrt(low_bound * high_bound)
         if abs(math.log(refined / target)) <= tol:

@@ -87,10 +87,12 @@ def _input_at(factor, side=512):
     return {"image": torch.zeros(3, n, n, dtype=torch.uint8), "height": side, "width": side}
 
 
-def test_cost_at_the_trained_size_is_one_pass():
+def test_cost_at_the_trained_size_is_one_pass_and_a_half():
     fake = FakeDetector(40.0, 20)
     out = auto_scale_predict(_input(), fake, TRAINED)
-    assert out["scale"]["looks"] == [1.0] and fake.factors == [1.0]
+    # the pass itself and a look at 1/sqrt(2) to see how the measurement follows the magnification
+    assert out["scale"]["looks"] == pytest.approx([2**-0.5, 1.0]) and out["scale"]["factor"] == 1.0
+    assert sum(f**2 for f in out["scale"]["looks"]) == pytest.approx(1.5)
     # a first look at half size costs a quarter of a pass more
     out = auto_scale_predict(_input(), FakeDetector(40.0, 20), TRAINED, first_look=0.5)
     assert out["scale"]["looks"] == [0.5, 1.0] and sum(f**2 for f in out["scale"]["looks"]) == 1.25
@@ -120,7 +122,7 @@ def test_a_model_that_draws_the_sizes_it_knows_is_first_looked_at_at_the_image_s
     model, i.e. twice as large at the image's own size: a first look at half size chooses
     0.5x (and its own check agrees); the first look at the image's own size chooses 1x."""
     out = auto_scale_predict(_input(), DrawsWhatItKnows(size, 12), TRAINED)
-    assert out["scale"]["factor"] == 1.0 and out["scale"]["looks"] == [1.0]
+    assert out["scale"]["factor"] == 1.0 and out["scale"]["looks"] == pytest.approx([2**-0.5, 1.0])
     zoomed_out = auto_scale_predict(_input(), DrawsWhatItKnows(size, 12), TRAINED, first_look=0.5)
     assert zoomed_out["scale"]["factor"] == 0.5  # what a first look at half size gets wrong
 
@@ -154,7 +156,7 @@ def test_a_few_large_objects_seen_at_the_first_look_are_not_trusted_alone():
     assert out["scale"]["looks"] == [0.5, 1.0] and out["scale"]["factor"] == 1.0
     assert out["scale"]["note"] == ""
     out = auto_scale_predict(_input(), Photo(40.0, 19), TRAINED)  # the default looks at 1x first
-    assert out["scale"]["looks"] == [1.0] and out["scale"]["factor"] == 1.0
+    assert out["scale"]["looks"] == pytest.approx([2**-0.5, 1.0]) and out["scale"]["factor"] == 1.0
 
 
 class Compressing(FakeDetector):
@@ -191,6 +193,36 @@ def test_the_factor_is_checked_where_the_objects_should_have_the_trained_size(si
     measured_there = 40 * (factor * size / 40) ** 0.7
     assert abs(math.log(measured_there / 40)) <= tol + 1e-6 or len(out["scale"]["looks"]) == 4  # 1 look + 3 checks
     assert out["scale"]["looks"] == pytest.approx(sorted(set(fake.factors)), rel=0.01)  # pixels are whole
+
+
+class DrawnTowardTheTrainedSize(FakeDetector):
+    """Measures objects smaller than trained well, but reports larger ones drawn strongly
+    toward the trained size (40 * (s / 40) ** 0.25), as a nuclei model did (docs/scale.md):
+    objects 1.375x the trained size look only 8 % larger, within the tolerance."""
+
+    def __call__(self, x):
+        f = x["image"].shape[-1] / self.side
+        self.factors.append(f)
+        seen = f * self.size
+        reported = (seen if seen <= 40 else 40 * (seen / 40) ** 0.25) / f
+        inst = Instances((self.side, self.side))
+        s = torch.full((self.count,), reported)
+        at = torch.full_like(s, 2.0)
+        inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
+        inst.scores = torch.full_like(s, 0.85)
+        inst.pred_classes = torch.zeros(self.count, dtype=torch.long)
+        return inst
+
+
+@pytest.mark.parametrize("size", [55.0, 62.0, 70.0])
+def test_how_the_measurement_follows_the_magnification_corrects_it(size):
+    """At 1x the objects look a few per cent larger than trained, not the 1.4-1.75x they are:
+    compared with the look at 1/sqrt(2), the measured size moves by a quarter to a third of
+    the magnification's log ratio, and the factor is moved by the remaining ratio divided by
+    that (a factor accepted at 1x scored 9.8 segm AP on such a nuclei model, 69.2 so)."""
+    out = auto_scale_predict(_input(), DrawnTowardTheTrainedSize(size, 30), TRAINED)
+    truth = 40.0 / size
+    assert abs(math.log(out["scale"]["factor"] / truth)) <= math.log(1.1), out["scale"]
 
 
 @pytest.mark.parametrize("size, count, rescaled", [(48.0, 1, False), (48.0, 2, False), (48.0, 30, True), (31.0, 1, False), (31.0, 30, True)])
@@ -285,7 +317,7 @@ def test_mixed_sizes_are_reported_as_uncertain():
 def test_an_image_too_small_for_the_first_look_is_looked_at_larger():
     fake = FakeDetector(40.0, 5, side=48)  # 24 px at a first look at half size: too small for the model
     out = auto_scale_predict(_input(48), fake, TRAINED, first_look=0.5)
-    assert out["scale"]["factor"] == 1.0 and out["scale"]["looks"] == [0.5, 1.0]
+    assert out["scale"]["factor"] == 1.0 and out["scale"]["looks"][0] == 0.5 and 1.0 in out["scale"]["looks"]
 
 
 def test_estimate_weights_detections_by_score_and_ignores_weak_ones():
