@@ -39,13 +39,32 @@ class FakeDetector:
         else:
             n = max(1, self.count // 4)
             sizes, scores = [self.size] * n, [0.35] * n
-        inst = Instances((self.side, self.side))
-        s = torch.tensor(sizes, dtype=torch.float32)
-        at = torch.full_like(s, 2.0)  # inside the image: objects the border cuts are measured otherwise
-        inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
-        inst.scores = torch.tensor(scores)
-        inst.pred_classes = torch.zeros(len(sizes), dtype=torch.long)
-        return inst
+        return _squares(self.side, sizes, scores)
+
+
+def _squares(side, sizes, scores):
+    """Detections of square objects of ``sizes`` px (the image's own pixels) in a ``side`` px
+    image, inside it: objects the border cuts are measured otherwise."""
+    inst = Instances((side, side))
+    s = torch.tensor(sizes, dtype=torch.float32)
+    at = torch.full_like(s, 2.0)
+    inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
+    inst.scores = torch.tensor(scores, dtype=torch.float32)
+    inst.pred_classes = torch.zeros(len(s), dtype=torch.long)
+    return inst
+
+
+class Misjudging(FakeDetector):
+    """Finds every object (score 0.85) and reports one seen at ``seen`` px (at the look's
+    magnification) as ``report(seen)`` px: how the real models err, docs/scale.md."""
+
+    def report(self, seen):
+        return seen
+
+    def __call__(self, x):
+        f = x["image"].shape[-1] / self.side
+        self.factors.append(f)
+        return _squares(self.side, [self.report(f * self.size) / f] * self.count, [0.85] * self.count)
 
 
 def _input(side=512):
@@ -98,22 +117,12 @@ def test_cost_at_the_trained_size_is_one_pass_and_a_half():
     assert out["scale"]["looks"] == [0.5, 1.0] and sum(f**2 for f in out["scale"]["looks"]) == 1.25
 
 
-class DrawsWhatItKnows(FakeDetector):
+class DrawsWhatItKnows(Misjudging):
     """Shown objects under 0.7x the trained size, reports them at the trained size (the boxes
     it knows), as a HeLa model did at half size (docs/scale.md); otherwise measures them well."""
 
-    def __call__(self, x):
-        f = x["image"].shape[-1] / self.side
-        self.factors.append(f)
-        seen = f * self.size
-        reported = (40.0 if seen < 0.7 * 40 else seen) / f  # in the image's own pixels
-        inst = Instances((self.side, self.side))
-        s = torch.full((self.count,), reported)
-        at = torch.full_like(s, 2.0)
-        inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
-        inst.scores = torch.full_like(s, 0.85)
-        inst.pred_classes = torch.zeros(self.count, dtype=torch.long)
-        return inst
+    def report(self, seen):
+        return 40.0 if seen < 0.7 * 40 else seen
 
 
 @pytest.mark.parametrize("size", [40.0, 44.0])
@@ -144,13 +153,7 @@ def test_a_few_large_objects_seen_at_the_first_look_are_not_trusted_alone():
             f = x["image"].shape[-1] / self.side
             self.factors.append(f)
             sizes = [s for s in [120.0] + [40.0] * 18 if f * s >= 0.6 * 40]  # found whole, or not at all
-            inst = Instances((self.side, self.side))
-            s = torch.tensor(sizes, dtype=torch.float32)
-            at = torch.full_like(s, 2.0)
-            inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
-            inst.scores = torch.full_like(s, 0.9)
-            inst.pred_classes = torch.zeros(len(sizes), dtype=torch.long)
-            return inst
+            return _squares(self.side, sizes, [0.9] * len(sizes))
 
     out = auto_scale_predict(_input(), Photo(40.0, 19), TRAINED, first_look=0.5)
     assert out["scale"]["looks"] == [0.5, 1.0] and out["scale"]["factor"] == 1.0
@@ -159,22 +162,13 @@ def test_a_few_large_objects_seen_at_the_first_look_are_not_trusted_alone():
     assert out["scale"]["looks"] == pytest.approx([2**-0.5, 1.0]) and out["scale"]["factor"] == 1.0
 
 
-class Compressing(FakeDetector):
+class Compressing(Misjudging):
     """A model that measures objects well only near the trained size, as the real ones do
-    (docs/scale.md, step 3): it finds every object, but reports one seen at s px as
-    40 * (s / 40) ** 0.7 px: larger when small, smaller when large."""
+    (docs/scale.md, step 3): it reports one seen at s px as 40 * (s / 40) ** 0.7 px: larger
+    when small, smaller when large."""
 
-    def __call__(self, x):
-        f = x["image"].shape[-1] / self.side
-        self.factors.append(f)
-        reported = 40 * (f * self.size / 40) ** 0.7 / f  # in the image's own pixels
-        inst = Instances((self.side, self.side))
-        s = torch.full((self.count,), reported)
-        at = torch.full_like(s, 2.0)
-        inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
-        inst.scores = torch.full_like(s, 0.85)
-        inst.pred_classes = torch.zeros(self.count, dtype=torch.long)
-        return inst
+    def report(self, seen):
+        return 40 * (seen / 40) ** 0.7
 
 
 @pytest.mark.parametrize("size", [16.0, 20.0, 26.0, 64.0, 160.0])
@@ -195,23 +189,13 @@ def test_the_factor_is_checked_where_the_objects_should_have_the_trained_size(si
     assert out["scale"]["looks"] == pytest.approx(sorted(set(fake.factors)), rel=0.01)  # pixels are whole
 
 
-class DrawnTowardTheTrainedSize(FakeDetector):
+class DrawnTowardTheTrainedSize(Misjudging):
     """Measures objects smaller than trained well, but reports larger ones drawn strongly
     toward the trained size (40 * (s / 40) ** 0.25), as a nuclei model did (docs/scale.md):
     objects 1.375x the trained size look only 8 % larger, within the tolerance."""
 
-    def __call__(self, x):
-        f = x["image"].shape[-1] / self.side
-        self.factors.append(f)
-        seen = f * self.size
-        reported = (seen if seen <= 40 else 40 * (seen / 40) ** 0.25) / f
-        inst = Instances((self.side, self.side))
-        s = torch.full((self.count,), reported)
-        at = torch.full_like(s, 2.0)
-        inst.pred_boxes = Boxes(torch.stack([at, at, at + s, at + s], 1))
-        inst.scores = torch.full_like(s, 0.85)
-        inst.pred_classes = torch.zeros(self.count, dtype=torch.long)
-        return inst
+    def report(self, seen):
+        return seen if seen <= 40 else 40 * (seen / 40) ** 0.25
 
 
 @pytest.mark.parametrize("size", [55.0, 62.0, 70.0])
