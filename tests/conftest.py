@@ -191,6 +191,18 @@ def tiny_model(num_classes=3, **overrides):
     return instantiate(cfg.model)
 
 
+def swin_tiny_model(num_classes=3, num_queries=30):
+    """configs/models/soit_swin_l.py with Swin-T in place of Swin-L (the same code, smaller)."""
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "models", "soit_swin_l.py"))
+    cfg.model.backbone.model_name = "swin_tiny_patch4_window7_224"
+    cfg.model.neck.in_channels = [192, 384, 768]
+    cfg.model.transformer.num_queries = num_queries
+    cfg.model.num_classes = num_classes
+    return instantiate(cfg.model)
+
+
 def synthetic_sample(h, w, shapes, height=None, width=None):
     """An image with filled ellipses (kind 0) / rectangles (kind 1) and their exact masks."""
     import torch

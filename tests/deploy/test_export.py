@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_tool, separated_tiny_model, synthetic_sample, tiny_model
+from conftest import REPO, load_tool, separated_tiny_model, swin_tiny_model, synthetic_sample, tiny_model
 from PIL import Image
 
 from soit import export
@@ -92,17 +92,6 @@ def test_torchscript_round_trip_equals_eager_at_other_sizes(model, tmp_path):
         _assert_same_in_original_size(model, image, got, order, 2 * h + 1, w + 7)
 
 
-def _swin_tiny_model():
-    from detectron2.config import LazyConfig, instantiate
-
-    cfg = LazyConfig.load(os.path.join(REPO, "configs", "models", "soit_swin_l.py"))
-    cfg.model.backbone.model_name = "swin_tiny_patch4_window7_224"  # Swin-L's code, smaller
-    cfg.model.neck.in_channels = [192, 384, 768]
-    cfg.model.transformer.num_queries = 30
-    cfg.model.num_classes = 3
-    return instantiate(cfg.model)
-
-
 @pytest.mark.parametrize(
     "variant",
     ["single-stage", "no box refinement", "official padding", "swin backbone"],
@@ -116,7 +105,7 @@ def test_model_variants_trace_at_other_sizes(variant, tmp_path):
     elif variant == "official padding":
         model = tiny_model(inference_padding="official")
     else:
-        model = _swin_tiny_model()
+        model = swin_tiny_model()
     model.eval()
     # Swin pads to its 7 x 7 windows (of stride-4 patches) inside the graph
     sizes = [(160, 224), (200, 152)] if variant == "swin backbone" else [TRACE_SIZE, OTHER_SIZES[0]]

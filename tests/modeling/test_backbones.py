@@ -4,7 +4,7 @@ import os
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from conftest import REPO
+from conftest import REPO, swin_tiny_model
 from soit.modeling.backbone import TimmBackbone
 
 
@@ -32,12 +32,7 @@ def test_model_configs_wire_backbone_channels_to_the_neck():
 def test_swin_model_takes_sides_not_divisible_by_its_patch_size():
     # timm's patch embedding asserts sides divisible by 4 (e.g. 800 x 1333 failed): the backbone
     # states the multiple, the model pads the batch to it and marks the extra pixels as padding
-    cfg = LazyConfig.load(os.path.join(REPO, "configs", "models", "soit_swin_l.py"))
-    cfg.model.backbone.model_name = "swin_tiny_patch4_window7_224"  # Swin-L's code, smaller
-    cfg.model.neck.in_channels = [192, 384, 768]
-    cfg.model.transformer.num_queries = 20
-    cfg.model.num_classes = 3
-    model = instantiate(cfg.model).eval()
+    model = swin_tiny_model().eval()
     assert model.backbone.size_divisibility == 4
     inputs = [{"image": torch.rand(3, 97, 133) * 255}, {"image": torch.rand(3, 90, 126) * 255}]
     images, padding = model.preprocess_image(inputs)
